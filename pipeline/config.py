@@ -58,7 +58,7 @@ class SourceConfig(StrictModel):
     loop: bool = Field(False, description="files only: start again at the end instead of ending")
     realtime: bool = Field(
         True,
-        description="files only: pace frames by their PTS like a live camera; false: decode only as fast as frames are taken, dropping none",
+        description="files only: pace frames by PTS like a live camera; false: decode only as fast as frames are taken, dropping none",
     )
     open_timeout_s: float = Field(10.0, gt=0)
     watchdog_timeout_s: float = Field(10.0, gt=0, description="reconnect when open but silent this long")

@@ -1,0 +1,92 @@
+"""Expression classification: crop and align faces the way the model was trained, predict in batches.
+
+The face crop is a single affine warp per face (rotate the eyes level, enlarge the box by the
+model's ``face_margin``, resize to the model's ``resize_to``, replicate borders where the box
+leaves the frame). The crops are tiny, which is what travels to a classifier replica.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from pipeline.checkpoint import ModelMetadata, default_checkpoint_path, load_checkpoint, preprocess_crops
+from pipeline.config import ClassifierConfig
+from pipeline.detection import FaceDetection
+
+
+def face_crop_transform(detection: FaceDetection, margin: float, size: int) -> np.ndarray:
+    """The 2x3 affine matrix mapping frame pixels to a ``size`` x ``size`` aligned face crop."""
+    x1, y1, x2, y2 = detection.box
+    center_x, center_y = (x1 + x2) / 2.0, (y1 + y2) / 2.0
+    side = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin)
+    angle = 0.0
+    if detection.landmarks is not None and len(detection.landmarks) >= 2:
+        (left_x, left_y), (right_x, right_y) = detection.landmarks[0], detection.landmarks[1]
+        # Eyes in image order: the angle that brings them level.
+        angle = math.degrees(math.atan2(right_y - left_y, right_x - left_x))
+    scale = size / max(side, 1.0)
+    matrix = cv2.getRotationMatrix2D((center_x, center_y), angle, scale)
+    # getRotationMatrix2D keeps the centre fixed; move it to the middle of the crop.
+    matrix[0, 2] += size / 2.0 - center_x
+    matrix[1, 2] += size / 2.0 - center_y
+    return matrix
+
+
+def crop_faces(image: np.ndarray, detections: Sequence[FaceDetection], metadata: ModelMetadata) -> list[np.ndarray]:
+    """Aligned, padded face crops (``resize_to`` square; grayscale when the model is) from one frame."""
+    source = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if metadata.grayscale and image.ndim == 3 and detections else image
+    size = metadata.resize_to
+    return [
+        cv2.warpAffine(
+            source,
+            face_crop_transform(detection, metadata.face_margin, size),
+            (size, size),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        for detection in detections
+    ]
+
+
+class ExpressionClassifier:
+    """Loads a ferstream checkpoint and predicts class probabilities for face crops in batches."""
+
+    def __init__(self, config: ClassifierConfig) -> None:
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("classifier.device is 'cuda' but CUDA is not available")
+        path = Path(config.checkpoint) if config.checkpoint is not None else default_checkpoint_path()
+        self.config = config
+        self.device = torch.device(config.device)
+        model, self.metadata = load_checkpoint(path, map_location=self.device)
+        # float16 only where it is fast and supported: CUDA. On CPU it is slower than float32.
+        self.dtype = torch.float16 if config.half and self.device.type == "cuda" else torch.float32
+        self.model = model.to(self.device, dtype=self.dtype).eval()
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.metadata.classes
+
+    @property
+    def model_id(self) -> str:
+        return self.metadata.model_id
+
+    def crop(self, image: np.ndarray, detections: Sequence[FaceDetection]) -> list[np.ndarray]:
+        return crop_faces(image, detections, self.metadata)
+
+    @torch.inference_mode()
+    def predict(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """Probabilities, shape (len(crops), len(classes)), float32."""
+        if not crops:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        outputs = []
+        for start in range(0, len(crops), self.config.batch_size):
+            batch = preprocess_crops(crops[start : start + self.config.batch_size], self.metadata)
+            logits = self.model(batch.to(self.device, dtype=self.dtype, non_blocking=True))
+            outputs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        return np.concatenate(outputs)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh Debian/Ubuntu machine: OS packages, a virtualenv, ferstream itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(redis-server)
+missing=()
+for package in "${apt_packages[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing OS packages: ${missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts redis-server as a service on install; ferstream's tests and demo run their own.
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -e '.[test]'
