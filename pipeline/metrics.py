@@ -36,15 +36,24 @@ class PipelineMetrics:
             registry=reg,
         )
         self.decode_errors = Counter("decode_errors", "Source open/decode errors, by kind", ["camera", "kind"], namespace=ns, registry=reg)
-        self.reconnects = Counter("reconnects", "Reconnect attempts after a failure or a watchdog timeout", ["camera"], namespace=ns, registry=reg)
+        self.reconnects = Counter(
+            "reconnects", "Reconnect attempts after a failure or a watchdog timeout", ["camera"], namespace=ns, registry=reg
+        )
         self.stream_up = Gauge("stream_up", "1 while the source is open and delivering frames", ["camera"], namespace=ns, registry=reg)
 
         # Models
         self.faces_detected = Counter("faces_detected", "Faces found by the detector", ["camera"], namespace=ns, registry=reg)
-        self.classifications = Counter("classifications", "Faces classified, by top emotion", ["camera", "emotion"], namespace=ns, registry=reg)
+        self.classifications = Counter(
+            "classifications", "Faces classified, by top emotion", ["camera", "emotion"], namespace=ns, registry=reg
+        )
         self.batch_size = Histogram("batch_size", "Items per model batch", ["stage"], buckets=BATCH_BUCKETS, namespace=ns, registry=reg)
         self.stage_latency = Histogram(
-            "stage_latency_seconds", "Time spent in one pipeline stage per call", ["stage"], buckets=STAGE_BUCKETS, namespace=ns, registry=reg
+            "stage_latency_seconds",
+            "Time spent in one pipeline stage per call",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            namespace=ns,
+            registry=reg,
         )
         self.end_to_end_latency = Histogram(
             "end_to_end_latency_seconds",
@@ -59,7 +68,11 @@ class PipelineMetrics:
         self.events_published = Counter("events_published", "Events written to Redis", ["camera"], namespace=ns, registry=reg)
         self.events_buffered = Gauge("events_buffered", "Events held in memory waiting for Redis", namespace=ns, registry=reg)
         self.events_dropped = Counter(
-            "events_dropped", "Events lost, by reason (buffer_full: Redis unreachable too long)", ["camera", "reason"], namespace=ns, registry=reg
+            "events_dropped",
+            "Events lost, by reason (buffer_full: Redis unreachable too long; closed: undelivered at shutdown)",
+            ["camera", "reason"],
+            namespace=ns,
+            registry=reg,
         )
         self.redis_errors = Counter("redis_errors", "Failed Redis writes (each is retried)", namespace=ns, registry=reg)
 
