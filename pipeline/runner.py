@@ -1,0 +1,207 @@
+"""The single-process pipeline: sources → batched detection → batched classification → tracking → events.
+
+Each camera decodes in its own thread (``CameraSource``) into a freshest-frame slot; one
+processing loop takes whatever frames are ready across all cameras and handles them as one
+batch, DeepStream-style. A failure while handling one camera's frame is logged and counted
+and never stops the other cameras.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.classification import ExpressionClassifier
+from pipeline.config import PipelineConfig, SourceConfig, TrackerConfig
+from pipeline.detection import FaceDetection, FaceDetector, detect_frames
+from pipeline.events import EventPublisher, ExpressionEvent
+from pipeline.metrics import PipelineMetrics
+from pipeline.sources import CameraSource, SourceStatus, VideoFrame
+from pipeline.tracking import IoUTracker
+
+log = logging.getLogger("ferstream.runner")
+
+EventSink = Callable[[str, list[ExpressionEvent]], None]
+
+# How long the loop waits for a first ready frame before checking again for stop/finish.
+IDLE_WAIT_S = 0.05
+
+
+class CameraAnalyzer:
+    """Per-camera state after the models: tracks, smoothing, and event construction."""
+
+    def __init__(self, camera_id: str, tracker_config: TrackerConfig, classes: Sequence[str], model_id: str) -> None:
+        self.camera_id = camera_id
+        self.tracker = IoUTracker(tracker_config)
+        self.classes = tuple(classes)
+        self.model_id = model_id
+
+    def analyze(
+        self, frame: VideoFrame, detections: Sequence[FaceDetection], probabilities: np.ndarray
+    ) -> tuple[list[ExpressionEvent], list[int]]:
+        """Events for one frame, and the ids of tracks that ended with it."""
+        update = self.tracker.update(detections, probabilities)
+        events = []
+        for face in update.faces:
+            top = int(np.argmax(face.probabilities))
+            x1, y1, x2, y2 = face.detection.box
+            events.append(
+                ExpressionEvent(
+                    camera_id=self.camera_id,
+                    frame_index=frame.frame_index,
+                    pts_s=frame.pts_s,
+                    capture_time=frame.capture_time,
+                    track_id=face.track_id,
+                    box=(round(x1), round(y1), round(x2), round(y2)),
+                    detector_score=face.detection.score,
+                    emotion=self.classes[top],
+                    confidence=float(face.probabilities[top]),
+                    probabilities={name: float(p) for name, p in zip(self.classes, face.probabilities, strict=True)},
+                    model_id=self.model_id,
+                )
+            )
+        return events, update.ended_track_ids
+
+
+@dataclass(frozen=True)
+class ModelStages:
+    detector: FaceDetector
+    classifier: ExpressionClassifier
+    detection_size: int
+
+
+class StreamPipeline:
+    """Runs cameras through the models and publishes their events."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        metrics: PipelineMetrics,
+        models: ModelStages,
+        publisher: EventPublisher,
+        on_events: EventSink | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.models = models
+        self.publisher = publisher
+        self.on_events = on_events
+        self._sources: dict[str, CameraSource] = {}
+        self._analyzers: dict[str, CameraAnalyzer] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # -- cameras -------------------------------------------------------------------------
+    def add_camera(self, source_config: SourceConfig) -> None:
+        with self._lock:
+            if source_config.camera_id in self._sources:
+                raise ValueError(f"camera {source_config.camera_id!r} already exists")
+            source = CameraSource(source_config, self.metrics)
+            self._sources[source_config.camera_id] = source
+            classifier = self.models.classifier
+            self._analyzers[source_config.camera_id] = CameraAnalyzer(
+                source_config.camera_id, self.config.tracker, classifier.classes, classifier.model_id
+            )
+        source.start()
+        log.info("camera %s: added (%s)", source_config.camera_id, source_config.url)
+
+    def remove_camera(self, camera_id: str) -> None:
+        with self._lock:
+            source = self._sources.pop(camera_id)
+            self._analyzers.pop(camera_id, None)
+        source.stop()
+        self.publisher.policy.forget_camera(camera_id)
+        self.metrics.forget_camera(camera_id)
+        log.info("camera %s: removed", camera_id)
+
+    def statuses(self) -> list[SourceStatus]:
+        with self._lock:
+            sources = list(self._sources.values())
+        return [source.status() for source in sources]
+
+    # -- processing ----------------------------------------------------------------------
+    def run(self, max_seconds: float | None = None) -> None:
+        """Process until stopped, until every source has finished, or for ``max_seconds``."""
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        while not self._stop.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            frames = self._collect_ready_frames()
+            if frames:
+                self.process(frames)
+                continue
+            with self._lock:
+                if self._sources and all(source.finished for source in self._sources.values()):
+                    break
+            self._stop.wait(IDLE_WAIT_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.stop()
+        for camera_id in [status.camera_id for status in self.statuses()]:
+            self.remove_camera(camera_id)
+        self.publisher.close()
+
+    def _collect_ready_frames(self) -> list[VideoFrame]:
+        with self._lock:
+            sources = list(self._sources.values())
+        frames = [frame for frame in (source.read(timeout=0.0) for source in sources) if frame is not None]
+        if frames or not sources:
+            return frames
+        # Nothing ready: block briefly on the first source so an idle loop does not spin.
+        frame = sources[0].read(timeout=IDLE_WAIT_S)
+        return [frame] if frame is not None else []
+
+    def process(self, frames: Sequence[VideoFrame]) -> dict[str, list[ExpressionEvent]]:
+        """Detect, classify, track and publish one batch of frames (at most one per camera)."""
+        stage = self.metrics.stage_latency
+        started = time.perf_counter()
+        detections = detect_frames(self.models.detector, [frame.image for frame in frames], self.models.detection_size)
+        stage.labels(stage="detect").observe(time.perf_counter() - started)
+        self.metrics.batch_size.labels(stage="detect").observe(len(frames))
+
+        crops: list[np.ndarray] = []
+        for frame, found in zip(frames, detections, strict=True):
+            self.metrics.faces_detected.labels(camera=frame.camera_id).inc(len(found))
+            crops.extend(self.models.classifier.crop(frame.image, found))
+        started = time.perf_counter()
+        probabilities = self.models.classifier.predict(crops)
+        if crops:
+            stage.labels(stage="classify").observe(time.perf_counter() - started)
+            self.metrics.batch_size.labels(stage="classify").observe(len(crops))
+
+        published: dict[str, list[ExpressionEvent]] = {}
+        offset = 0
+        for frame, found in zip(frames, detections, strict=True):
+            frame_probabilities = probabilities[offset : offset + len(found)]
+            offset += len(found)
+            try:
+                published[frame.camera_id] = self._finish_frame(frame, found, frame_probabilities)
+            except Exception:
+                # One camera's bad frame must not cost the others theirs.
+                log.exception("camera %s: frame %d failed after the models", frame.camera_id, frame.frame_index)
+        return published
+
+    def _finish_frame(self, frame: VideoFrame, detections: Sequence[FaceDetection], probabilities: np.ndarray) -> list[ExpressionEvent]:
+        with self._lock:
+            analyzer = self._analyzers.get(frame.camera_id)
+        if analyzer is None:  # removed while its frame was in flight
+            return []
+        started = time.perf_counter()
+        events, ended_tracks = analyzer.analyze(frame, detections, probabilities)
+        self.metrics.stage_latency.labels(stage="track").observe(time.perf_counter() - started)
+        for event in events:
+            self.metrics.classifications.labels(camera=frame.camera_id, emotion=event.emotion).inc()
+        for track_id in ended_tracks:
+            self.publisher.policy.forget(frame.camera_id, track_id)
+        published = self.publisher.publish(frame.camera_id, events)
+        if self.on_events is not None and published:
+            self.on_events(frame.camera_id, published)
+        return published
