@@ -4,10 +4,11 @@
 Run it with Debian's system python3 (python3-gi, gir1.2-gst-rtsp-server-1.0,
 gstreamer1.0-plugins-good and -bad): the project's venv cannot import ``gi``.
 
-Why appsrc instead of a plain launch line: ``filesrc ! qtdemux ! ...`` ends with EOS (the
-server then sends RTCP BYE and clients stop), ``multifilesrc loop=true`` concatenates bytes,
-which qtdemux cannot parse as a second MP4, and a segment-seek loop is undone by the flushing
-seek that the server runs for the client's ``Range: npt=0-``. So the clip is demuxed ONCE into
+Why appsrc instead of a plain launch line: ``filesrc ! qtdemux ! ...`` ends with EOS after
+one pass (clients see the stream end), and ``multifilesrc loop=true ! qtdemux`` does too:
+qtdemux stops once it has the first copy's samples and ignores the repeated bytes. A
+segment-seek loop would need a custom GstRTSPMedia that re-seeks on SEGMENT_DONE and also
+survives the server's own seek for each client's ``Range: npt=0-``. So the clip is demuxed ONCE into
 memory (no decoding or re-encoding: the H.264 access units are sent as they are in the file)
 and pushed into ``appsrc`` in a loop, each pass shifted by the clip's duration, so RTP
 timestamps keep increasing at the clip's frame rate across loops and the sinks pace the
@@ -20,17 +21,17 @@ Two modes:
   mid-stream and waits for the next keyframe.
 
 The process prints ``READY rtsp://...`` on stdout once it accepts connections, and exits on
-SIGTERM/SIGINT. With ``--die-with-parent`` it also exits when its parent dies
-(PR_SET_PDEATHSIG), so a crashed test runner does not leak servers.
+SIGTERM/SIGINT (tests/servers.py starts it under ``setpriv --pdeathsig``, so it also dies
+with a crashed test runner).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import gi
@@ -38,8 +39,6 @@ import gi
 gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402  (gi needs require_version first)
-
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -60,19 +59,33 @@ class Clip:
     period: int  # ns that one pass of the clip lasts; the timestamp shift between passes
 
 
-def load_clip(path: str) -> Clip:
+def load_clip(path: str, timeout_s: float = 30.0) -> Clip:
     """Demux (not decode) every access unit of the clip's video track into memory."""
+    if not os.path.isfile(path):
+        raise RuntimeError(f"no such clip: {path}")
     pipeline = Gst.parse_launch("filesrc name=src ! qtdemux ! h264parse ! appsink name=sink sync=false")
     pipeline.get_by_name("src").set_property("location", path)
     sink = pipeline.get_by_name("sink")
+    bus = pipeline.get_bus()
     pipeline.set_state(Gst.State.PLAYING)
     caps: Gst.Caps | None = None
     raw: list[tuple[bytes, int, int, int, bool]] = []
+    deadline = time.monotonic() + timeout_s
     try:
         while True:
-            sample = sink.emit("pull-sample")
-            if sample is None:  # EOS or error
-                break
+            # try-pull with a timeout, not pull-sample: after an error (not an MP4, no H.264
+            # track) the appsink gets neither data nor EOS, and pull-sample would wait forever.
+            sample = sink.emit("try-pull-sample", Gst.SECOND // 10)
+            if sample is None:
+                message = bus.pop_filtered(Gst.MessageType.ERROR)
+                if message is not None:
+                    error, debug = message.parse_error()
+                    raise RuntimeError(f"cannot demux {path}: {error.message} ({debug})")
+                if sink.get_property("eos"):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"demuxing {path} took more than {timeout_s}s")
+                continue
             if caps is None:
                 caps = sample.get_caps()
             buffer = sample.get_buffer()
@@ -85,10 +98,6 @@ def load_clip(path: str) -> Clip:
                 buffer.unmap(info)
             dts = buffer.dts if buffer.dts != Gst.CLOCK_TIME_NONE else buffer.pts
             raw.append((data, buffer.pts, dts, buffer.duration, not buffer.has_flags(Gst.BufferFlags.DELTA_UNIT)))
-        message = pipeline.get_bus().pop_filtered(Gst.MessageType.ERROR)
-        if message is not None:
-            error, debug = message.parse_error()
-            raise RuntimeError(f"cannot demux {path}: {error.message} ({debug})")
     finally:
         pipeline.set_state(Gst.State.NULL)
     if caps is None or not raw:
@@ -144,9 +153,6 @@ class LoopFeeder:
             buffer.duration = unit.duration
             if not unit.keyframe:
                 buffer.set_flags(Gst.BufferFlags.DELTA_UNIT)
-            if passes > 0 and position == 0:
-                # Tells downstream that the stream jumped back in content (not in time).
-                buffer.set_flags(Gst.BufferFlags.DISCONT)
             result = appsrc.emit("push-buffer", buffer)
             if result != Gst.FlowReturn.OK:
                 return  # flushing or shutting down: the media is going away
@@ -164,7 +170,7 @@ class LoopingFactory(GstRtspServer.RTSPMediaFactory):
         # every IDR *slice*, which splits a multi-slice IDR (x264 sliced threads, as in the
         # shared clips) into two pictures in FFmpeg's parser: one duplicate frame per keyframe.
         self.set_launch(
-            f"( appsrc name=src format=time stream-type=stream is-live={str(shared).lower()} max-bytes=2000000 "
+            f"( appsrc name=src format=time stream-type=stream is-live={str(shared).lower()} "
             "! h264parse config-interval=-1 ! rtph264pay name=pay0 pt=96 config-interval=0 )"
         )
         self.set_shared(shared)
@@ -177,17 +183,6 @@ class LoopingFactory(GstRtspServer.RTSPMediaFactory):
         LoopFeeder(self._clip, appsrc, live=self._live)
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGTERM us when the process that started us exits (Linux only)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent already died before prctl took effect
-        sys.exit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("clip", help="an MP4 file with an H.264 video track (audio is ignored)")
@@ -195,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--mount", default="/cam", help="the URL path, e.g. /cam")
     parser.add_argument("--shared", action="store_true", help="one live stream for all clients, like a camera")
-    parser.add_argument("--die-with-parent", action="store_true", help="exit when the starting process exits (test fixtures)")
     args = parser.parse_args(argv)
 
-    if args.die_with_parent:
-        die_with_parent()
     Gst.init(None)
-    clip = load_clip(args.clip)
+    try:
+        clip = load_clip(args.clip)
+    except RuntimeError as error:
+        print(f"rtsp_server: {error}", file=sys.stderr)
+        return 1
 
     server = GstRtspServer.RTSPServer()
     server.set_address(args.host)

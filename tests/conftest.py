@@ -14,6 +14,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Real RTSP and Prometheus servers (tests/servers.py).
+pytest_plugins = ["tests.servers"]
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
