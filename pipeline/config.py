@@ -6,12 +6,13 @@ YAML file fails at start with the offending field named instead of being ignored
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -115,6 +116,11 @@ class EventsConfig(StrictModel):
     buffer_max_events: int = Field(10_000, ge=1, description="events held while Redis is unreachable")
     retry: BackoffConfig = BackoffConfig(initial_s=0.2, max_s=5.0)
     socket_timeout_s: float = Field(2.0, gt=0)
+    password: SecretStr | None = Field(None, description="Redis AUTH; prefer the FERSTREAM_REDIS_PASSWORD environment variable")
+
+    @property
+    def password_value(self) -> str | None:
+        return self.password.get_secret_value() if self.password is not None else None
 
     @field_validator("redis_url")
     @classmethod
@@ -184,3 +190,24 @@ def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Pi
         raise ConfigError(f"{path}: the top level must be a mapping")
     data.update(overrides or {})
     return parse_config(PipelineConfig, data, str(path))
+
+
+REDIS_URL_ENV = "FERSTREAM_REDIS_URL"
+REDIS_PASSWORD_ENV = "FERSTREAM_REDIS_PASSWORD"
+
+
+def apply_environment(config: PipelineConfig, environ: dict[str, str] | None = None) -> PipelineConfig:
+    """Deployment settings that do not belong in a file: the Redis URL and its password (a Secret)."""
+    environ = dict(os.environ) if environ is None else environ
+    events: dict[str, Any] = {}
+    if environ.get(REDIS_URL_ENV):
+        events["redis_url"] = environ[REDIS_URL_ENV]
+    if environ.get(REDIS_PASSWORD_ENV):
+        events["password"] = environ[REDIS_PASSWORD_ENV]
+    if not events:
+        return config
+    data = config.model_dump()
+    data["events"].update(events)
+    if isinstance(data["events"].get("password"), SecretStr):
+        data["events"]["password"] = data["events"]["password"].get_secret_value()
+    return parse_config(PipelineConfig, data, "environment")

@@ -377,10 +377,14 @@ class _Pending(NamedTuple):
     event: ExpressionEvent
 
 
-def redis_client(url: str, socket_timeout_s: float) -> redis.Redis:
+def redis_client(url: str, socket_timeout_s: float, password: str | None = None) -> redis.Redis:
     """A client that fails fast: bounded connect/read timeouts and no hidden redis-py retries
-    (their backoff would block the calling frame; the publisher retries on its own terms)."""
-    return redis.Redis.from_url(url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0))
+    (their backoff would block the calling frame; the publisher retries on its own terms).
+    ``password`` (from a Secret, via the environment) wins over one in the URL."""
+    extra = {"password": password} if password else {}
+    return redis.Redis.from_url(
+        url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0), **extra
+    )
 
 
 class EventPublisher:
@@ -411,7 +415,7 @@ class EventPublisher:
         self.metrics = metrics
         self.policy = policy if policy is not None else EmissionPolicy.from_config(config)
         self._owns_client = client is None
-        self.client = client if client is not None else redis_client(config.redis_url, config.socket_timeout_s)
+        self.client = client if client is not None else redis_client(config.redis_url, config.socket_timeout_s, config.password_value)
         self._wall_clock = wall_clock
         self._policy_clock = policy_clock
         self._drain_batch = max(1, drain_batch)

@@ -1,14 +1,21 @@
 """Prometheus metrics for everything that moves through the pipeline.
 
-All metrics live on one ``PipelineMetrics`` object bound to a registry, so tests can use
-a fresh registry and a process can hold exactly one set of series. Names follow the
-Prometheus conventions: ``_total`` counters, ``_seconds`` histograms, base units.
+All metrics live on one ``PipelineMetrics`` object. It builds its families through a
+``MetricFactory``: by default prometheus-client on a private registry (the single-process
+``ferstream run`` serves it over HTTP; tests read it directly), while the Serve app passes a
+factory that records through Ray's metrics agent so every replica is scraped from Ray's
+metrics port. Names follow the Prometheus conventions: ``_total`` counters, ``_seconds``
+histograms, base units.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+NAMESPACE = "ferstream"
 # Stage latencies on a CPU run from ~1 ms (tracking) to seconds (detection of a 1080p batch).
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Capture-to-publish latency includes queueing behind slower stages, so it reaches further.
@@ -18,63 +25,76 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STAGES = ("decode", "detect", "classify", "track", "publish")
 
 
+class MetricFactory(Protocol):
+    """Builds metric families with prometheus-client's interface: ``.labels(**values)`` returns a
+    child with ``inc``/``set``/``observe``; label-less families have those methods themselves."""
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str]) -> Any: ...
+
+    def gauge(self, name: str, documentation: str, labels: Sequence[str]) -> Any: ...
+
+    def histogram(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> Any: ...
+
+
+class PrometheusMetricFactory:
+    def __init__(self, registry: CollectorRegistry | None = None, namespace: str = NAMESPACE) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.namespace = namespace
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str]) -> Counter:
+        return Counter(name, documentation, list(labels), namespace=self.namespace, registry=self.registry)
+
+    def gauge(self, name: str, documentation: str, labels: Sequence[str]) -> Gauge:
+        return Gauge(name, documentation, list(labels), namespace=self.namespace, registry=self.registry)
+
+    def histogram(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> Histogram:
+        return Histogram(name, documentation, list(labels), buckets=tuple(buckets), namespace=self.namespace, registry=self.registry)
+
+
 class PipelineMetrics:
     """The ferstream metric families. ``camera`` labels are the camera ids."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, namespace: str = "ferstream") -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
-        ns, reg = namespace, self.registry
+    def __init__(self, factory: MetricFactory | None = None) -> None:
+        self.factory: MetricFactory = factory if factory is not None else PrometheusMetricFactory()
+        counter, gauge, histogram = self.factory.counter, self.factory.gauge, self.factory.histogram
 
         # Sources
-        self.frames_decoded = Counter("frames_decoded", "Frames decoded from the source", ["camera"], namespace=ns, registry=reg)
-        self.frames_processed = Counter("frames_processed", "Frames taken for processing", ["camera"], namespace=ns, registry=reg)
-        self.frames_dropped = Counter(
+        self.frames_decoded = counter("frames_decoded", "Frames decoded from the source", ["camera"])
+        self.frames_processed = counter("frames_processed", "Frames taken for processing", ["camera"])
+        self.frames_dropped = counter(
             "frames_dropped",
             "Frames decoded but not processed, by reason (fps_limit: above target fps; stale: a fresher frame replaced it)",
             ["camera", "reason"],
-            namespace=ns,
-            registry=reg,
         )
-        self.decode_errors = Counter("decode_errors", "Source open/decode errors, by kind", ["camera", "kind"], namespace=ns, registry=reg)
-        self.reconnects = Counter(
-            "reconnects", "Reconnect attempts after a failure or a watchdog timeout", ["camera"], namespace=ns, registry=reg
-        )
-        self.stream_up = Gauge("stream_up", "1 while the source is open and delivering frames", ["camera"], namespace=ns, registry=reg)
+        self.decode_errors = counter("decode_errors", "Source open/decode errors, by kind (open, decode, stall)", ["camera", "kind"])
+        self.reconnects = counter("reconnects", "Reconnect attempts after a failure or a watchdog timeout", ["camera"])
+        self.stream_up = gauge("stream_up", "1 while the source is open and delivering frames", ["camera"])
 
         # Models
-        self.faces_detected = Counter("faces_detected", "Faces found by the detector", ["camera"], namespace=ns, registry=reg)
-        self.classifications = Counter(
-            "classifications", "Faces classified, by top emotion", ["camera", "emotion"], namespace=ns, registry=reg
-        )
-        self.batch_size = Histogram("batch_size", "Items per model batch", ["stage"], buckets=BATCH_BUCKETS, namespace=ns, registry=reg)
-        self.stage_latency = Histogram(
-            "stage_latency_seconds",
-            "Time spent in one pipeline stage per call",
-            ["stage"],
-            buckets=STAGE_BUCKETS,
-            namespace=ns,
-            registry=reg,
-        )
-        self.end_to_end_latency = Histogram(
-            "end_to_end_latency_seconds",
-            "Wall-clock time from frame capture to event publish",
-            ["camera"],
-            buckets=END_TO_END_BUCKETS,
-            namespace=ns,
-            registry=reg,
+        self.faces_detected = counter("faces_detected", "Faces found by the detector", ["camera"])
+        self.classifications = counter("classifications", "Faces classified, by top emotion", ["camera", "emotion"])
+        self.batch_size = histogram("batch_size", "Items per model batch", ["stage"], BATCH_BUCKETS)
+        self.stage_latency = histogram("stage_latency_seconds", "Time spent in one pipeline stage per call", ["stage"], STAGE_BUCKETS)
+        self.end_to_end_latency = histogram(
+            "end_to_end_latency_seconds", "Wall-clock time from frame capture to event publish", ["camera"], END_TO_END_BUCKETS
         )
 
         # Events
-        self.events_published = Counter("events_published", "Events written to Redis", ["camera"], namespace=ns, registry=reg)
-        self.events_buffered = Gauge("events_buffered", "Events held in memory waiting for Redis", namespace=ns, registry=reg)
-        self.events_dropped = Counter(
+        self.events_published = counter("events_published", "Events written to Redis", ["camera"])
+        self.events_buffered = gauge("events_buffered", "Events held in memory waiting for Redis", [])
+        self.events_dropped = counter(
             "events_dropped",
             "Events lost, by reason (buffer_full: Redis unreachable too long; closed: undelivered at shutdown)",
             ["camera", "reason"],
-            namespace=ns,
-            registry=reg,
         )
-        self.redis_errors = Counter("redis_errors", "Failed Redis writes (each is retried)", namespace=ns, registry=reg)
+        self.redis_errors = counter("redis_errors", "Failed Redis writes (each is retried)", [])
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The prometheus-client registry (only with the default factory)."""
+        if not isinstance(self.factory, PrometheusMetricFactory):
+            raise TypeError(f"these metrics record through {type(self.factory).__name__}, not a prometheus-client registry")
+        return self.factory.registry
 
     def forget_camera(self, camera_id: str) -> None:
         """Mark a removed camera's stream as down; counters keep their history."""

@@ -25,8 +25,6 @@ from tests.servers import (
     sample_value,
 )
 
-# Until conftest registers them, this module pulls the fixtures in itself (a no-op afterwards).
-pytest_plugins = ["tests.servers"]
 
 pytestmark = pytest.mark.integration
 
