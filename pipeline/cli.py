@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from pipeline.config import ConfigError, PipelineConfig, SourceConfig, load_config, parse_config
+from pipeline.config import ConfigError, PipelineConfig, SourceConfig, apply_environment, dump_config, load_config, parse_config
 
 log = logging.getLogger("ferstream.cli")
 
@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"cameras": [parse_config(SourceConfig, camera, "--source")]})
     if args.redis_url:
         config = config.model_copy(update={"events": config.events.model_copy(update={"redis_url": args.redis_url})})
-    config = parse_config(PipelineConfig, config.model_dump(), args.config)  # re-validate the overrides
+    config = apply_environment(parse_config(PipelineConfig, dump_config(config), str(args.config)))  # re-validate the overrides
     if not config.cameras:
         raise ConfigError(f"{args.config}: cameras: at least one camera is needed (or pass --source)")
 

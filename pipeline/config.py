@@ -206,8 +206,14 @@ def apply_environment(config: PipelineConfig, environ: dict[str, str] | None = N
         events["password"] = environ[REDIS_PASSWORD_ENV]
     if not events:
         return config
-    data = config.model_dump()
+    data = dump_config(config)
     data["events"].update(events)
-    if isinstance(data["events"].get("password"), SecretStr):
-        data["events"]["password"] = data["events"]["password"].get_secret_value()
     return parse_config(PipelineConfig, data, "environment")
+
+
+def dump_config(config: PipelineConfig) -> dict[str, Any]:
+    """A plain, JSON-able dict that ``PipelineConfig.model_validate`` turns back into ``config``,
+    secrets included (``model_dump`` masks them), for handing the config to another process."""
+    data = config.model_dump(mode="json")
+    data["events"]["password"] = config.events.password_value
+    return data

@@ -1,0 +1,56 @@
+"""The Serve application builder: ``import_path: serve_app.app:build_app`` in configs/serve-*.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from ray.serve import Application
+
+from pipeline.config import ConfigError, SourceConfig, dump_config, load_config, load_yaml, parse_config
+from serve_app.deployments import ControllerDeployment, ExpressionClassifierDeployment, FaceDetectorDeployment, IngestDeployment
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    pipeline_config: str = "configs/pipeline.yaml"
+    cameras_file: str | None = None
+
+
+def resolve_path(path: str) -> Path:
+    """Relative to the working directory, else to the repository (``serve run`` may start elsewhere)."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    return REPO_ROOT / candidate
+
+
+def absolute_file_url(camera: SourceConfig) -> SourceConfig:
+    """Replicas run in other working directories: pin relative file paths down while we know what they meant."""
+    if camera.is_file and "://" not in camera.url and not Path(camera.url).is_absolute():
+        return camera.model_copy(update={"url": str(resolve_path(camera.url).resolve())})
+    return camera
+
+
+def load_cameras(path: Path) -> list[SourceConfig]:
+    data = load_yaml(path) or []
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: a cameras file is a YAML list of cameras")
+    return [parse_config(SourceConfig, camera, f"{path}[{index}]") for index, camera in enumerate(data)]
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    app_args = parse_config(AppArgs, args, "application args")
+    config = load_config(resolve_path(app_args.pipeline_config))
+    cameras = list(config.cameras)
+    if app_args.cameras_file:
+        cameras.extend(load_cameras(resolve_path(app_args.cameras_file)))
+    cameras = [absolute_file_url(camera) for camera in cameras]
+    data = dump_config(config)
+    detector = FaceDetectorDeployment.bind(data)
+    classifier = ExpressionClassifierDeployment.bind(data)
+    ingest = IngestDeployment.bind(data, detector, classifier)
+    return ControllerDeployment.bind(data, [camera.model_dump(mode="json") for camera in cameras], ingest)

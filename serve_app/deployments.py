@@ -1,0 +1,376 @@
+"""Ray Serve deployments: the ``pipeline`` building blocks wired into a service.
+
+- ``FaceDetector``: ``@serve.batch`` across the frames of all cameras; receives downscaled frames.
+- ``ExpressionClassifier``: ``@serve.batch`` across the faces of all frames; receives face crops.
+- ``Ingest``: each replica claims a shard of the cameras from the Redis registry, decodes them,
+  sends each camera's freshest frame through the two model deployments (one frame in flight per
+  camera, so backpressure drops frames at the source instead of queueing them), tracks faces and
+  publishes events.
+- ``Controller``: the HTTP API (ingress).
+
+No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run
+time to tell a JSON body from query parameters.
+"""
+
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from pipeline.checkpoint import ModelMetadata
+from pipeline.classification import ExpressionClassifier, crop_faces
+from pipeline.config import ConfigError, PipelineConfig, SourceConfig, apply_environment, parse_config
+from pipeline.detection import FaceDetection, build_detector, downscale_for_detection, scale_detections
+from pipeline.events import EventPublisher, redis_client
+from pipeline.metrics import PipelineMetrics
+from pipeline.registry import CameraRegistry, plan_reconcile, status_to_dict
+from pipeline.runner import CameraAnalyzer
+from pipeline.sources import CameraSource, redact_url
+
+log = logging.getLogger("ferstream.serve")
+
+# How often an ingest replica reconciles its cameras with the registry, and the lease it holds
+# on each: a dead replica's cameras move to another one after at most LEASE_S.
+RECONCILE_INTERVAL_S = 1.0
+LEASE_S = 10.0
+MODEL_CALL_TIMEOUT_S = 30.0
+
+
+def load_pipeline_config(data: dict[str, Any], origin: str) -> PipelineConfig:
+    """Each replica validates the config it was bound with and applies its own environment
+    (the Redis URL and password come from the pod, never through the app graph)."""
+    return apply_environment(parse_config(PipelineConfig, data, origin))
+
+
+class BatchingOptions(BaseModel):
+    """The ``user_config`` of the model deployments: tunable without a redeploy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_batch_size: int = Field(8, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+
+
+def reconfigure_batching(method: Any, user_config: dict[str, Any], deployment: str) -> None:
+    options = parse_config(BatchingOptions, user_config, f"{deployment}.user_config")
+    method.set_max_batch_size(options.max_batch_size)
+    method.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+
+
+def replica_metrics() -> PipelineMetrics:
+    from serve_app.metrics import RayMetricFactory
+
+    return PipelineMetrics(RayMetricFactory())
+
+
+@serve.deployment(name="FaceDetector")
+class FaceDetectorDeployment:
+    def __init__(self, config: dict[str, Any]) -> None:
+        pipeline_config = load_pipeline_config(config, "FaceDetector")
+        self.detector = build_detector(pipeline_config.detector)
+        self.metrics = replica_metrics()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        reconfigure_batching(self.detect, user_config, "FaceDetector")
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def detect(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
+        started = time.perf_counter()
+        # Off the event loop, so health checks and new requests are answered during a batch.
+        detections = await asyncio.to_thread(self.detector.detect_batch, images)
+        self.metrics.stage_latency.labels(stage="detect").observe(time.perf_counter() - started)
+        self.metrics.batch_size.labels(stage="detect").observe(len(images))
+        return detections
+
+
+@serve.deployment(name="ExpressionClassifier")
+class ExpressionClassifierDeployment:
+    def __init__(self, config: dict[str, Any]) -> None:
+        pipeline_config = load_pipeline_config(config, "ExpressionClassifier")
+        self.classifier = ExpressionClassifier(pipeline_config.classifier)
+        self.metrics = replica_metrics()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        reconfigure_batching(self.classify, user_config, "ExpressionClassifier")
+
+    def metadata(self) -> ModelMetadata:
+        return self.classifier.metadata
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def classify(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        started = time.perf_counter()
+        probabilities = await asyncio.to_thread(self.classifier.predict, crops)
+        self.metrics.stage_latency.labels(stage="classify").observe(time.perf_counter() - started)
+        self.metrics.batch_size.labels(stage="classify").observe(len(crops))
+        return list(probabilities)
+
+
+class CameraSession:
+    """One camera on an ingest replica: a decode thread (``CameraSource``) and a processing thread
+    that keeps exactly one frame in flight through the model deployments."""
+
+    def __init__(
+        self,
+        camera: SourceConfig,
+        pipeline_config: PipelineConfig,
+        metadata: ModelMetadata,
+        detector: DeploymentHandle,
+        classifier: DeploymentHandle,
+        publisher: EventPublisher,
+        metrics: PipelineMetrics,
+    ) -> None:
+        self.camera = camera
+        self.detection_size = pipeline_config.detector.detection_size
+        self.metadata = metadata
+        self.detector = detector
+        self.classifier = classifier
+        self.publisher = publisher
+        self.metrics = metrics
+        self.source = CameraSource(camera, metrics)
+        self.analyzer = CameraAnalyzer(camera.camera_id, pipeline_config.tracker, metadata.classes, metadata.model_id)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"ferstream-session-{camera.camera_id}", daemon=True)
+
+    def start(self) -> None:
+        self.source.start()
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self.source.stop(timeout_s)
+        self._thread.join(timeout_s)
+        self.publisher.policy.forget_camera(self.camera.camera_id)
+        self.metrics.forget_camera(self.camera.camera_id)
+
+    @property
+    def threads_alive(self) -> list[str]:
+        return [thread.name for thread in threading.enumerate() if thread.name.endswith(f"-{self.camera.camera_id}")]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            frame = self.source.read(timeout=0.5)
+            if frame is None:
+                if self.source.finished:
+                    return
+                continue
+            try:
+                self._process(frame)
+            except Exception:
+                # A failed model call (a replica restarting, a timeout) costs this frame only.
+                log.exception("camera %s: frame %d failed", self.camera.camera_id, frame.frame_index)
+
+    def _process(self, frame: Any) -> None:
+        camera_id = self.camera.camera_id
+        small = downscale_for_detection(frame.image, self.detection_size)
+        found = self.detector.detect.remote(small.image).result(timeout_s=MODEL_CALL_TIMEOUT_S)
+        detections = scale_detections(found, small.scale)
+        self.metrics.faces_detected.labels(camera=camera_id).inc(len(detections))
+        crops = crop_faces(frame.image, detections, self.metadata)
+        # One request per face: the classifier's @serve.batch groups faces across all frames.
+        responses = [self.classifier.classify.remote(crop) for crop in crops]
+        rows = [response.result(timeout_s=MODEL_CALL_TIMEOUT_S) for response in responses]
+        probabilities = np.stack(rows) if rows else np.zeros((0, len(self.metadata.classes)), np.float32)
+        started = time.perf_counter()
+        events, ended = self.analyzer.analyze(frame, detections, probabilities)
+        self.metrics.stage_latency.labels(stage="track").observe(time.perf_counter() - started)
+        for event in events:
+            self.metrics.classifications.labels(camera=camera_id, emotion=event.emotion).inc()
+        for track_id in ended:
+            self.publisher.policy.forget(camera_id, track_id)
+        self.publisher.publish(camera_id, events)
+
+
+class IngestOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_cameras: int = Field(16, ge=1, le=1024, description="cameras one replica decodes at most")
+
+
+@serve.deployment(name="Ingest")
+class IngestDeployment:
+    def __init__(self, config: dict[str, Any], detector: DeploymentHandle, classifier: DeploymentHandle) -> None:
+        self.config = load_pipeline_config(config, "Ingest")
+        self.detector = detector
+        self.classifier = classifier
+        self.metrics = replica_metrics()
+        self.publisher = EventPublisher(self.config.events, self.metrics)
+        events = self.config.events
+        self.registry = CameraRegistry(
+            redis_client(events.redis_url, events.socket_timeout_s, events.password_value), events.stream_prefix, LEASE_S
+        )
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.options = IngestOptions()
+        self.sessions: dict[str, CameraSession] = {}
+        self._metadata: ModelMetadata | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reconciler = threading.Thread(target=self._reconcile_forever, name="ferstream-reconciler", daemon=True)
+        self._reconciler.start()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.options = parse_config(IngestOptions, user_config, "Ingest.user_config")
+
+    def check_health(self) -> None:
+        if not self._reconciler.is_alive():
+            raise RuntimeError("the camera reconciler thread died")
+
+    def describe(self) -> dict[str, Any]:
+        """This replica's cameras and live ferstream threads (for operators and the tests)."""
+        with self._lock:
+            cameras = sorted(self.sessions)
+        threads = sorted(t.name for t in threading.enumerate() if t.name.startswith("ferstream-") and t.name != "ferstream-reconciler")
+        return {"worker_id": self.worker_id, "cameras": cameras, "threads": threads}
+
+    def __del__(self) -> None:
+        self._stop.set()
+        with self._lock:
+            sessions, self.sessions = list(self.sessions.values()), {}
+        for session in sessions:
+            session.stop()
+            self.registry.release(session.camera.camera_id, self.worker_id)
+        self.publisher.close()
+
+    # -- reconciliation ---------------------------------------------------------------------
+    def _reconcile_forever(self) -> None:
+        while not self._stop.wait(RECONCILE_INTERVAL_S):
+            try:
+                self._reconcile()
+            except Exception:
+                # Redis unreachable or similar: running cameras keep running; try again next tick.
+                log.exception("ingest %s: reconcile failed", self.worker_id)
+
+    def _model_metadata(self) -> ModelMetadata:
+        if self._metadata is None:
+            self._metadata = self.classifier.metadata.remote().result(timeout_s=MODEL_CALL_TIMEOUT_S)
+        return self._metadata
+
+    def _reconcile(self) -> None:
+        desired = self.registry.cameras()
+        with self._lock:
+            running = dict(self.sessions)
+        lost = [camera_id for camera_id in running if not self.registry.renew(camera_id, self.worker_id)]
+        changed = [camera_id for camera_id, session in running.items() if camera_id in desired and desired[camera_id] != session.camera]
+        plan = plan_reconcile(desired, running, [*lost, *changed], self.options.max_cameras)
+        for camera_id in plan.stop:
+            self._stop_session(camera_id)
+        for camera_id in plan.claim:
+            if self.registry.claim(camera_id, self.worker_id):
+                self._start_session(desired[camera_id])
+        with self._lock:
+            statuses = [status_to_dict(session.source.status(), self.worker_id) for session in self.sessions.values()]
+        self.registry.put_statuses(statuses, ttl_s=LEASE_S)
+
+    def _start_session(self, camera: SourceConfig) -> None:
+        session = CameraSession(camera, self.config, self._model_metadata(), self.detector, self.classifier, self.publisher, self.metrics)
+        session.start()
+        with self._lock:
+            self.sessions[camera.camera_id] = session
+        log.info("ingest %s: camera %s started (%s)", self.worker_id, camera.camera_id, session.source.status().url)
+
+    def _stop_session(self, camera_id: str) -> None:
+        with self._lock:
+            session = self.sessions.pop(camera_id, None)
+        if session is None:
+            return
+        session.stop()
+        self.registry.release(camera_id, self.worker_id)
+        log.info("ingest %s: camera %s stopped", self.worker_id, camera_id)
+
+
+class StreamRequest(BaseModel):
+    """``POST /streams``: a camera. ``options`` takes any other per-camera setting (see SourceConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    url: str
+    fps: float | None = 5.0
+    transport: str = "tcp"
+    loop: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def to_source_config(self) -> SourceConfig:
+        data = {
+            **self.options,
+            "camera_id": self.id,
+            "url": self.url,
+            "target_fps": self.fps,
+            "transport": self.transport,
+            "loop": self.loop,
+        }
+        return parse_config(SourceConfig, data, "stream")
+
+
+api = FastAPI(title="ferstream", description="Add, remove and inspect cameras; events go to Redis Streams.")
+
+
+@serve.deployment(name="Controller")
+@serve.ingress(api)
+class ControllerDeployment:
+    def __init__(self, config: dict[str, Any], cameras: list[dict[str, Any]], ingest: DeploymentHandle) -> None:
+        pipeline_config = load_pipeline_config(config, "Controller")
+        events = pipeline_config.events
+        self.registry = CameraRegistry(
+            redis_client(events.redis_url, events.socket_timeout_s, events.password_value), events.stream_prefix, LEASE_S
+        )
+        self.ingest = ingest
+        for camera in cameras:
+            # Start-up cameras are added once; a camera the API changed or removed since stays so.
+            self.registry.add(parse_config(SourceConfig, camera, "cameras_file"))
+
+    @api.post("/streams", status_code=201)
+    def add_stream(self, request: StreamRequest) -> dict[str, Any]:
+        try:
+            camera = request.to_source_config()
+        except ConfigError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from None
+        if not self.registry.add(camera):
+            raise HTTPException(status_code=409, detail=f"stream {camera.camera_id!r} already exists")
+        return {"id": camera.camera_id, "url": camera.url}
+
+    @api.delete("/streams/{camera_id}", status_code=204)
+    def remove_stream(self, camera_id: str) -> Response:
+        if not self.registry.remove(camera_id):
+            raise HTTPException(status_code=404, detail=f"no stream {camera_id!r}")
+        return Response(status_code=204)
+
+    @api.get("/streams")
+    def list_streams(self) -> list[dict[str, Any]]:
+        cameras = self.registry.cameras()
+        statuses = self.registry.statuses(cameras)
+        streams = []
+        for camera_id, camera in sorted(cameras.items()):
+            status = statuses.get(camera_id, {})
+            streams.append(
+                {
+                    "id": camera_id,
+                    "url": redact_url(camera.url),
+                    "fps_target": camera.target_fps,
+                    "transport": camera.transport,
+                    "state": status.get("state", "pending"),
+                    "measured_fps": status.get("measured_fps", 0.0),
+                    "last_frame_time": status.get("last_frame_time"),
+                    "reconnects": status.get("reconnects", 0),
+                    "frames_decoded": status.get("frames_decoded", 0),
+                    "frames_dropped": status.get("frames_dropped", 0),
+                    "last_error": status.get("last_error"),
+                    "owner": status.get("owner"),
+                }
+            )
+        return streams
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        try:
+            await asyncio.to_thread(self.registry.client.ping)
+        except Exception as error:
+            raise HTTPException(status_code=503, detail=f"redis unreachable: {error}") from None
+        return {"status": "ok"}
