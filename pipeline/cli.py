@@ -126,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.handler(args))
+    except KeyboardInterrupt:  # Ctrl-C out of `tail` is the normal way to stop it
+        return 130
     except ConfigError as error:
         print(f"ferstream: invalid configuration:\n{error}", file=sys.stderr)
         return 2

@@ -1,27 +1,54 @@
 #!/usr/bin/env bash
-# The main job: set up, then run ferstream on a sample stream and print its events as JSON lines.
-#   ./scripts/demo.sh                      # the looping sample clip from configs/demo.yaml
-#   ./scripts/demo.sh rtsp://host/stream   # any file, RTSP or HTTP(S)/HLS source instead
-# Extra flags after the source go to `ferstream run` (e.g. --max-seconds 30).
+# The main job: set up, start the ferstream Serve app on a sample stream, and print its events.
+#   ./scripts/demo.sh                        # the looping sample clip from configs/cameras.yaml
+#   ./scripts/demo.sh rtsp://host/stream     # any file, RTSP or HTTP(S)/HLS source instead
+#   FERSTREAM_DEMO_SECONDS=60 ./scripts/demo.sh   # stop after a minute (default: until Ctrl-C)
+# Events are printed as JSON lines by `ferstream tail`; the app's logs go to .demo/serve.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-source_args=()
-if [ $# -gt 0 ] && [[ "$1" != --* ]]; then
-  source_args=(--source "$1" --loop)
-  shift
-fi
-
+mkdir -p .demo
 redis_port="${FERSTREAM_REDIS_PORT:-6379}"
+api="http://127.0.0.1:8000"
+export FERSTREAM_REDIS_URL="redis://127.0.0.1:$redis_port/0"
+pids=()
+cleanup() {
+  # TERM, not INT: a non-interactive shell starts background jobs with SIGINT ignored. serve run
+  # takes its local Ray instance down with it.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; wait "${pids[$i]}" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
 if ! redis-cli -p "$redis_port" ping >/dev/null 2>&1; then
   echo "demo: starting redis-server on 127.0.0.1:$redis_port" >&2
-  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --daemonize no >/dev/null &
-  redis_pid=$!
-  trap 'kill $redis_pid 2>/dev/null || true' EXIT
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" >.demo/redis.log 2>&1 &
+  pids+=($!)
   for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
-ferstream run --config configs/demo.yaml --redis-url "redis://127.0.0.1:$redis_port/0" --print-events "${source_args[@]}" "$@"
+camera=demo
+echo "demo: starting the Serve app (configs/serve-cpu.yaml); logs in .demo/serve.log" >&2
+RAY_USAGE_STATS_ENABLED=0 serve run configs/serve-cpu.yaml >.demo/serve.log 2>&1 &
+pids+=($!)
+for _ in $(seq 300); do
+  curl -fsS "$api/healthz" >/dev/null 2>&1 && break
+  kill -0 "${pids[-1]}" 2>/dev/null || { tail -30 .demo/serve.log >&2; exit 1; }
+  sleep 1
+done
+curl -fsS "$api/healthz" >/dev/null || { echo "demo: the app did not become healthy" >&2; exit 1; }
+
+if [ $# -gt 0 ]; then
+  camera=cam0
+  curl -fsS -X POST "$api/streams" -H 'content-type: application/json' \
+    -d "{\"id\": \"$camera\", \"url\": \"$1\", \"fps\": 5, \"loop\": true}" >&2 || true
+  echo >&2
+fi
+echo "demo: events of camera '$camera' (Ctrl-C to stop); streams: curl $api/streams" >&2
+if [ -n "${FERSTREAM_DEMO_SECONDS:-}" ]; then
+  timeout --signal INT "$FERSTREAM_DEMO_SECONDS" ferstream tail --camera "$camera" --redis-url "$FERSTREAM_REDIS_URL" || true
+else
+  ferstream tail --camera "$camera" --redis-url "$FERSTREAM_REDIS_URL"
+fi
