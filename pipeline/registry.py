@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable
+import math
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,13 +47,21 @@ class ReconcilePlan:
     claim: list[str]  # unowned cameras to try to claim, within capacity
 
 
-def plan_reconcile(desired: Iterable[str], running: Iterable[str], lost: Iterable[str], capacity: int) -> ReconcilePlan:
-    """What one worker should do: stop what is no longer its job, then claim up to its capacity."""
+def plan_reconcile(
+    desired: Iterable[str], running: Iterable[str], lost: Iterable[str], capacity: int, unowned: Iterable[str] | None = None
+) -> ReconcilePlan:
+    """What one worker should do: stop what is no longer its job, then claim up to its capacity.
+
+    ``unowned``: the desired cameras nobody holds a lease on (None: assume all are free). Claiming
+    only those keeps a full worker from retrying cameras another worker runs, forever, while the
+    cameras past them wait.
+    """
     desired_set, running_set, lost_set = set(desired), set(running), set(lost)
     stop = sorted((running_set - desired_set) | (running_set & lost_set))
     keep = running_set - set(stop)
     free = max(0, capacity - len(keep))
-    claim = sorted(desired_set - running_set)[:free]
+    candidates = desired_set - running_set if unowned is None else (desired_set & set(unowned)) - running_set
+    claim = sorted(candidates)[:free]
     return ReconcilePlan(stop=stop, claim=claim)
 
 
@@ -66,6 +76,14 @@ class CameraRegistry:
     @property
     def cameras_key(self) -> str:
         return f"{self.prefix}:cameras"
+
+    @property
+    def seeded_key(self) -> str:
+        return f"{self.prefix}:cameras:seeded"
+
+    @property
+    def workers_key(self) -> str:
+        return f"{self.prefix}:workers"
 
     def _lease_key(self, camera_id: str) -> str:
         return f"{self.prefix}:lease:{camera_id}"
@@ -107,8 +125,33 @@ class CameraRegistry:
         self._release(keys=[self._lease_key(camera_id)], args=[owner])
 
     def owner(self, camera_id: str) -> str | None:
-        value = self.client.get(self._lease_key(camera_id))
-        return value.decode() if isinstance(value, bytes) else value
+        return self.owners([camera_id])[camera_id]
+
+    def owners(self, camera_ids: Iterable[str]) -> dict[str, str | None]:
+        ids = list(camera_ids)
+        values = self.client.mget([self._lease_key(camera_id) for camera_id in ids]) if ids else []
+        return {camera_id: value.decode() if isinstance(value, bytes) else value for camera_id, value in zip(ids, values, strict=True)}
+
+    def heartbeat(self, worker_id: str) -> int:
+        """Record that ``worker_id`` is alive; returns how many workers are (seen within a lease)."""
+        now = time.time()
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zadd(self.workers_key, {worker_id: now})
+        pipe.zremrangebyscore(self.workers_key, "-inf", now - self.lease_ms / 1000)
+        pipe.zcard(self.workers_key)
+        return int(pipe.execute()[-1])
+
+    def leave(self, worker_id: str) -> None:
+        self.client.zrem(self.workers_key, worker_id)
+
+    def seed(self, cameras: Iterable[SourceConfig]) -> list[str]:
+        """Register start-up cameras once: a camera seeded before (and maybe deleted through the
+        API since) is not brought back when the service restarts. Returns the ids added."""
+        added = []
+        for camera in cameras:
+            if self.client.sadd(self.seeded_key, camera.camera_id) and self.add(camera):
+                added.append(camera.camera_id)
+        return added
 
     # -- observed state ---------------------------------------------------------------------
     def put_statuses(self, statuses: Iterable[dict[str, Any]], ttl_s: float) -> None:
@@ -122,4 +165,65 @@ class CameraRegistry:
         if not ids:
             return {}
         raw = self.client.mget([self._status_key(camera_id) for camera_id in ids])
-        return {camera_id: json.loads(value) for camera_id, value in zip(ids, raw, strict=True) if value is not None}
+        statuses = {}
+        for camera_id, value in zip(ids, raw, strict=True):
+            if value is None:
+                continue
+            try:
+                statuses[camera_id] = json.loads(value)
+            except ValueError:
+                log.error("registry: ignoring an unreadable status of camera %s", camera_id)
+        return statuses
+
+
+class ShardWorker:
+    """One ingest worker's side of the registry: each ``reconcile`` renews its leases, stops the
+    cameras it lost or that were removed or changed, and claims free cameras up to a fair share
+    (``ceil(cameras / live workers)``, at most ``max_cameras``), so that replicas started together
+    split the cameras. Cameras are not moved from a busy worker to a newer one; they move when a
+    worker dies or its cameras are removed."""
+
+    def __init__(
+        self,
+        registry: CameraRegistry,
+        worker_id: str,
+        start: Callable[[SourceConfig], None],
+        stop: Callable[[str], None],
+    ) -> None:
+        self.registry = registry
+        self.worker_id = worker_id
+        self._start = start
+        self._stop = stop
+        self.running: dict[str, SourceConfig] = {}
+
+    def reconcile(self, max_cameras: int) -> ReconcilePlan:
+        desired = self.registry.cameras()
+        workers = self.registry.heartbeat(self.worker_id)
+        lost = [camera_id for camera_id in sorted(self.running) if not self.registry.renew(camera_id, self.worker_id)]
+        changed = [camera_id for camera_id, camera in self.running.items() if camera_id in desired and desired[camera_id] != camera]
+        free = [camera_id for camera_id, owner in self.registry.owners(sorted(set(desired) - set(self.running))).items() if owner is None]
+        share = min(max_cameras, math.ceil(len(desired) / max(1, workers)))
+        plan = plan_reconcile(desired, self.running, [*lost, *changed], share, unowned=free)
+        for camera_id in plan.stop:
+            self.running.pop(camera_id)
+            self._stop(camera_id)
+            self.registry.release(camera_id, self.worker_id)
+        for camera_id in plan.claim:
+            if not self.registry.claim(camera_id, self.worker_id):
+                continue  # another worker was faster
+            try:
+                self._start(desired[camera_id])
+            except Exception:
+                # Let another worker (or the next tick) try rather than hold a lease on nothing.
+                log.exception("worker %s: could not start camera %s", self.worker_id, camera_id)
+                self.registry.release(camera_id, self.worker_id)
+                continue
+            self.running[camera_id] = desired[camera_id]
+        return plan
+
+    def shutdown(self) -> None:
+        for camera_id in sorted(self.running):
+            self._stop(camera_id)
+            self.registry.release(camera_id, self.worker_id)
+        self.running.clear()
+        self.registry.leave(self.worker_id)

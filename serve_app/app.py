@@ -49,6 +49,11 @@ def build_app(args: dict[str, Any]) -> Application:
     if app_args.cameras_file:
         cameras.extend(load_cameras(resolve_path(app_args.cameras_file)))
     cameras = [absolute_file_url(camera) for camera in cameras]
+    seen: set[str] = set()
+    for camera in cameras:
+        if camera.camera_id in seen:
+            raise ConfigError(f"application args: camera_id {camera.camera_id!r} is defined twice (pipeline_config and cameras_file)")
+        seen.add(camera.camera_id)
     data = dump_config(config)
     detector = FaceDetectorDeployment.bind(data)
     classifier = ExpressionClassifierDeployment.bind(data)

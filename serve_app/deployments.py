@@ -12,7 +12,6 @@ No ``from __future__ import annotations`` here: FastAPI reads the endpoint annot
 time to tell a JSON body from query parameters.
 """
 
-
 import asyncio
 import logging
 import os
@@ -20,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from pipeline.config import ConfigError, PipelineConfig, SourceConfig, apply_env
 from pipeline.detection import FaceDetection, build_detector, downscale_for_detection, scale_detections
 from pipeline.events import EventPublisher, redis_client
 from pipeline.metrics import PipelineMetrics
-from pipeline.registry import CameraRegistry, plan_reconcile, status_to_dict
+from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
 from pipeline.runner import CameraAnalyzer
 from pipeline.sources import CameraSource, redact_url
 
@@ -67,6 +67,16 @@ def reconfigure_batching(method: Any, user_config: dict[str, Any], deployment: s
     method.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
 
+async def run_batch(model_call: Callable[[list[np.ndarray]], Any], items: list[np.ndarray], metrics: PipelineMetrics, stage: str) -> Any:
+    """One model call on a formed batch, off the event loop (so health checks and new requests are
+    answered meanwhile), with its latency and batch size recorded."""
+    started = time.perf_counter()
+    result = await asyncio.to_thread(model_call, items)
+    metrics.stage_latency.labels(stage=stage).observe(time.perf_counter() - started)
+    metrics.batch_size.labels(stage=stage).observe(len(items))
+    return result
+
+
 def replica_metrics() -> PipelineMetrics:
     from serve_app.metrics import RayMetricFactory
 
@@ -85,12 +95,7 @@ class FaceDetectorDeployment:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def detect(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
-        started = time.perf_counter()
-        # Off the event loop, so health checks and new requests are answered during a batch.
-        detections = await asyncio.to_thread(self.detector.detect_batch, images)
-        self.metrics.stage_latency.labels(stage="detect").observe(time.perf_counter() - started)
-        self.metrics.batch_size.labels(stage="detect").observe(len(images))
-        return detections
+        return await run_batch(self.detector.detect_batch, images, self.metrics, "detect")
 
 
 @serve.deployment(name="ExpressionClassifier")
@@ -108,11 +113,7 @@ class ExpressionClassifierDeployment:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def classify(self, crops: list[np.ndarray]) -> list[np.ndarray]:
-        started = time.perf_counter()
-        probabilities = await asyncio.to_thread(self.classifier.predict, crops)
-        self.metrics.stage_latency.labels(stage="classify").observe(time.perf_counter() - started)
-        self.metrics.batch_size.labels(stage="classify").observe(len(crops))
-        return list(probabilities)
+        return list(await run_batch(self.classifier.predict, crops, self.metrics, "classify"))
 
 
 class CameraSession:
@@ -213,6 +214,7 @@ class IngestDeployment:
         self._metadata: ModelMetadata | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.shard = ShardWorker(self.registry, self.worker_id, start=self._start_session, stop=self._stop_session)
         self._reconciler = threading.Thread(target=self._reconcile_forever, name="ferstream-reconciler", daemon=True)
         self._reconciler.start()
 
@@ -232,18 +234,18 @@ class IngestDeployment:
 
     def __del__(self) -> None:
         self._stop.set()
-        with self._lock:
-            sessions, self.sessions = list(self.sessions.values()), {}
-        for session in sessions:
-            session.stop()
-            self.registry.release(session.camera.camera_id, self.worker_id)
+        self._reconciler.join(timeout=RECONCILE_INTERVAL_S * 5)
+        self.shard.shutdown()
         self.publisher.close()
 
     # -- reconciliation ---------------------------------------------------------------------
     def _reconcile_forever(self) -> None:
         while not self._stop.wait(RECONCILE_INTERVAL_S):
             try:
-                self._reconcile()
+                self.shard.reconcile(self.options.max_cameras)
+                with self._lock:
+                    statuses = [status_to_dict(session.source.status(), self.worker_id) for session in self.sessions.values()]
+                self.registry.put_statuses(statuses, ttl_s=LEASE_S)
             except Exception:
                 # Redis unreachable or similar: running cameras keep running; try again next tick.
                 log.exception("ingest %s: reconcile failed", self.worker_id)
@@ -252,22 +254,6 @@ class IngestDeployment:
         if self._metadata is None:
             self._metadata = self.classifier.metadata.remote().result(timeout_s=MODEL_CALL_TIMEOUT_S)
         return self._metadata
-
-    def _reconcile(self) -> None:
-        desired = self.registry.cameras()
-        with self._lock:
-            running = dict(self.sessions)
-        lost = [camera_id for camera_id in running if not self.registry.renew(camera_id, self.worker_id)]
-        changed = [camera_id for camera_id, session in running.items() if camera_id in desired and desired[camera_id] != session.camera]
-        plan = plan_reconcile(desired, running, [*lost, *changed], self.options.max_cameras)
-        for camera_id in plan.stop:
-            self._stop_session(camera_id)
-        for camera_id in plan.claim:
-            if self.registry.claim(camera_id, self.worker_id):
-                self._start_session(desired[camera_id])
-        with self._lock:
-            statuses = [status_to_dict(session.source.status(), self.worker_id) for session in self.sessions.values()]
-        self.registry.put_statuses(statuses, ttl_s=LEASE_S)
 
     def _start_session(self, camera: SourceConfig) -> None:
         session = CameraSession(camera, self.config, self._model_metadata(), self.detector, self.classifier, self.publisher, self.metrics)
@@ -279,11 +265,9 @@ class IngestDeployment:
     def _stop_session(self, camera_id: str) -> None:
         with self._lock:
             session = self.sessions.pop(camera_id, None)
-        if session is None:
-            return
-        session.stop()
-        self.registry.release(camera_id, self.worker_id)
-        log.info("ingest %s: camera %s stopped", self.worker_id, camera_id)
+        if session is not None:
+            session.stop()
+            log.info("ingest %s: camera %s stopped", self.worker_id, camera_id)
 
 
 class StreamRequest(BaseModel):
@@ -298,15 +282,11 @@ class StreamRequest(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
     def to_source_config(self) -> SourceConfig:
-        data = {
-            **self.options,
-            "camera_id": self.id,
-            "url": self.url,
-            "target_fps": self.fps,
-            "transport": self.transport,
-            "loop": self.loop,
-        }
-        return parse_config(SourceConfig, data, "stream")
+        fields = {"camera_id": self.id, "url": self.url, "target_fps": self.fps, "transport": self.transport, "loop": self.loop}
+        clashes = sorted(set(self.options) & set(fields))
+        if clashes:
+            raise ConfigError(f"stream: options: {', '.join(clashes)} must be given as the top-level field, not in options")
+        return parse_config(SourceConfig, {**self.options, **fields}, "stream")
 
 
 api = FastAPI(title="ferstream", description="Add, remove and inspect cameras; events go to Redis Streams.")
@@ -322,9 +302,8 @@ class ControllerDeployment:
             redis_client(events.redis_url, events.socket_timeout_s, events.password_value), events.stream_prefix, LEASE_S
         )
         self.ingest = ingest
-        for camera in cameras:
-            # Start-up cameras are added once; a camera the API changed or removed since stays so.
-            self.registry.add(parse_config(SourceConfig, camera, "cameras_file"))
+        # Start-up cameras are registered once: one the API removed since stays removed.
+        self.registry.seed(parse_config(SourceConfig, camera, "cameras_file") for camera in cameras)
 
     @api.post("/streams", status_code=201)
     def add_stream(self, request: StreamRequest) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from tests.servers import (
     sample_value,
 )
 
-
 pytestmark = pytest.mark.integration
 
 CLIP_SIZE = (480, 270)
