@@ -1,0 +1,1 @@
+"""Training, evaluation and export of the expression classifier (``ferstream train|eval|export``)."""

@@ -1,0 +1,231 @@
+"""Classifier evaluation: confusion-matrix metrics (pure arithmetic) and ``ferstream eval``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, load_checkpoint, preprocess_crops
+from pipeline.training.data import DatasetError, load_image_folder
+
+__all__ = ["confusion_matrix", "evaluate", "main", "metrics_from_confusion", "plot_confusion_matrix", "predict_probabilities"]
+
+
+def confusion_matrix(labels: Sequence[int] | np.ndarray, predictions: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows = true class, columns = predicted class."""
+    labels = np.asarray(labels, dtype=np.int64)
+    predictions = np.asarray(predictions, dtype=np.int64)
+    if labels.shape != predictions.shape:
+        raise ValueError(f"labels {labels.shape} and predictions {predictions.shape} differ in shape")
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    # A class never predicted (or absent) has an undefined precision/recall; report 0 like sklearn's zero_division=0.
+    return float(numerator / denominator) if denominator > 0 else 0.0
+
+
+def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1/specificity/support, macro and support-weighted averages."""
+    cm = np.asarray(cm, dtype=np.int64)
+    if cm.shape != (len(classes), len(classes)):
+        raise ValueError(f"confusion matrix {cm.shape} does not match {len(classes)} classes")
+    total = int(cm.sum())
+    per_class: dict[str, dict[str, float | int]] = {}
+    for i, name in enumerate(classes):
+        tp = int(cm[i, i])
+        fn = int(cm[i].sum()) - tp
+        fp = int(cm[:, i].sum()) - tp
+        tn = total - tp - fn - fp
+        precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+        per_class[name] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": _ratio(2 * precision * recall, precision + recall),
+            "specificity": _ratio(tn, tn + fp),
+            "support": tp + fn,
+        }
+    keys = ("precision", "recall", "f1", "specificity")
+    supports = np.array([per_class[name]["support"] for name in classes], dtype=np.float64)
+    macro = {k: float(np.mean([per_class[name][k] for name in classes])) for k in keys}
+    weighted = {
+        k: float(np.dot([per_class[name][k] for name in classes], supports) / supports.sum()) if supports.sum() > 0 else 0.0 for k in keys
+    }
+    return {
+        "n": total,
+        "classes": list(classes),
+        "accuracy": _ratio(int(np.trace(cm)), total),
+        "per_class": per_class,
+        "macro": macro,
+        "weighted": weighted,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------- model evaluation
+
+
+def _tta_views(model_inputs_full: torch.Tensor, input_size: int) -> list[torch.Tensor]:
+    """Centre + 4 corner crops of the resized (uncropped) faces, each also mirrored: up to 10 views."""
+    size = model_inputs_full.shape[-1]
+    if size == input_size:
+        offsets = [(0, 0)]
+    else:
+        c, e = (size - input_size) // 2, size - input_size
+        offsets = [(c, c), (0, 0), (0, e), (e, 0), (e, e)]
+    views = []
+    for top, left in offsets:
+        crop = model_inputs_full[:, :, top : top + input_size, left : left + input_size]
+        views += [crop, crop.flip(-1)]
+    return views
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: nn.Module, metadata: ModelMetadata, images: Sequence[np.ndarray] | np.ndarray, tta: bool = False, batch_size: int = 256
+) -> np.ndarray:
+    """N x K softmax probabilities; with ``tta`` the mean over hflip x (centre + corner) crops."""
+    model.eval()
+    crops = list(images)
+    if not tta:
+        inputs = preprocess_crops(crops, metadata)
+        chunks = [torch.softmax(model(inputs[i : i + batch_size]), 1) for i in range(0, inputs.shape[0], batch_size)]
+        return torch.cat(chunks).numpy() if chunks else np.zeros((0, len(metadata.classes)), dtype=np.float32)
+    # Same transform as preprocess_crops, minus the centre crop, so every view is a crop of identical pixels.
+    full = preprocess_crops(crops, dataclasses.replace(metadata, input_size=metadata.resize_to))
+    chunks = []
+    for i in range(0, full.shape[0], batch_size):
+        views = _tta_views(full[i : i + batch_size], metadata.input_size)
+        probabilities = torch.stack([torch.softmax(model(view.contiguous()), 1) for view in views])
+        chunks.append(probabilities.mean(0))
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, len(metadata.classes)), dtype=np.float32)
+
+
+def _metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    predictions = probabilities.argmax(1)
+    result = metrics_from_confusion(confusion_matrix(labels, predictions, len(classes)), classes)
+    k = min(5, len(classes))
+    top_k = np.argsort(-probabilities, axis=1)[:, :k]
+    result["top5_accuracy"] = float((top_k == labels[:, None]).any(1).mean()) if len(labels) else 0.0
+    return result
+
+
+def evaluate(
+    model: nn.Module, metadata: ModelMetadata, images: Sequence[np.ndarray] | np.ndarray, labels: np.ndarray, tta: bool
+) -> dict[str, Any]:
+    """Metrics of ``model`` on uint8 face ``images`` with integer ``labels`` (indices into metadata.classes).
+
+    The top level holds the plain (single centre crop) metrics; with ``tta`` the same keys computed
+    with test-time augmentation are added under ``"tta"``, so the two are never confused.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    result = _metrics_from_probabilities(predict_probabilities(model, metadata, images), labels, metadata.classes)
+    if tta:
+        result["tta"] = _metrics_from_probabilities(predict_probabilities(model, metadata, images, tta=True), labels, metadata.classes)
+    return result
+
+
+def default_plot_path(model_path: Path) -> Path:
+    """Next to the model (its run folder), except for the shipped model: never write into the package."""
+    name = f"{model_path.stem}_confusion.png"
+    if model_path.resolve() == default_checkpoint_path().resolve():
+        return Path("~/.cache/ferstream/eval").expanduser() / name
+    return model_path.with_name(name)
+
+
+def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm)
+    # Colour by row-normalized recall (so rare classes like disgust are readable), annotate raw counts.
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]}\n{rates[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
+    fig.colorbar(image, ax=ax, fraction=0.046, label="row-normalized")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _print_human(result: dict[str, Any], label: str) -> None:
+    print(
+        f"{label}: n={result['n']} top-1={result['accuracy']:.4f} top-5={result['top5_accuracy']:.4f} macro-F1={result['macro']['f1']:.4f}"
+    )
+    print(f"  {'class':<10} {'prec':>6} {'recall':>6} {'f1':>6} {'spec':>6} {'support':>7}")
+    for name, row in result["per_class"].items():
+        print(f"  {name:<10} {row['precision']:6.3f} {row['recall']:6.3f} {row['f1']:6.3f} {row['specificity']:6.3f} {row['support']:7d}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Evaluate an expression checkpoint on an ImageFolder tree (<dir>/<class>/*.jpg)")
+    parser.add_argument("--data", required=True, help="ImageFolder tree, e.g. .../fer2013/val")
+    parser.add_argument("--model", default=None, help="checkpoint (default: the shipped pipeline/assets/expression_default.pt)")
+    parser.add_argument("--tta", action="store_true", help="also report metrics with hflip + 5-crop test-time augmentation")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    parser.add_argument("--output", default=None, help="confusion-matrix PNG path (default: next to the model)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the confusion-matrix PNG")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    parser.add_argument("--no-cache", action="store_true", help="do not use the decoded-array cache")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model_path = Path(args.model).expanduser() if args.model else default_checkpoint_path()
+    try:
+        model, metadata = load_checkpoint(model_path)
+        dataset = load_image_folder(args.data, image_size=metadata.resize_to, classes=metadata.classes, use_cache=not args.no_cache)
+    except (FileNotFoundError, CheckpointError, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result: dict[str, Any] = {"model": str(model_path), "model_id": metadata.model_id, "data": str(Path(args.data).expanduser())}
+    result.update(evaluate(model, metadata, dataset.images, dataset.labels, tta=args.tta))
+    if not args.no_plot:
+        plot_path = Path(args.output).expanduser() if args.output else default_plot_path(model_path)
+        title = f"{metadata.model_id} on {Path(args.data).name}: top-1 {result['accuracy']:.1%}"
+        plot_confusion_matrix(np.array(result["confusion_matrix"]), metadata.classes, plot_path, title)
+        result["confusion_matrix_png"] = str(plot_path)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_human(result, "plain")
+        if args.tta:
+            _print_human(result["tta"], "tta")
+        if "confusion_matrix_png" in result:
+            print(f"confusion matrix: {result['confusion_matrix_png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,631 @@
+"""Flat trainer for the expression classifier (``ferstream train``).
+
+In the spirit of torchvision's ``references/classification/train.py``: one argparse namespace,
+one loop, a checkpoint every epoch that resumes exactly. Built for a small shared CPU:
+
+* the whole split lives in RAM as uint8 (see :mod:`pipeline.training.data`); augmentation runs
+  batched on tensors (one ``affine_grid``/``grid_sample`` call does crop+scale+rotation+flip
+  for a whole batch) instead of PIL per image in worker processes;
+* validation goes through :func:`pipeline.checkpoint.preprocess_crops`, the exact transform the
+  service applies, so the recorded val metrics are what the shipped model does;
+* every random draw of epoch ``e`` comes from generators seeded by ``(seed, e)``, and the
+  end-of-epoch checkpoint holds model/optimizer/scheduler/scaler/RNG state, so an interrupted
+  run resumed with ``--resume auto`` produces bit-identical weights (on the same machine and
+  thread count).
+
+Model selection: the epoch with the best val top-1 accuracy (``--select-metric``, default
+``accuracy``, because the product target is stated in top-1); macro-F1 is recorded alongside and
+can be selected instead. Early stopping (``--patience``) watches the same metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from pipeline.architectures import ARCHITECTURES, build_model, count_parameters
+from pipeline.checkpoint import ModelMetadata, preprocess_crops, save_checkpoint
+from pipeline.training.data import FER_CLASSES, ImageDataset, load_image_folder
+from pipeline.training.evaluate import confusion_matrix, metrics_from_confusion
+
+__all__ = ["TensorAugment", "get_args_parser", "main", "train"]
+
+CHECKPOINT_STATE_FORMAT = "ferstream-train-state/1"
+METRIC_FIELDS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_macro_f1",
+    "epoch_time_s",
+    "wall_time_s",
+    "best",
+)
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("FERSTREAM_CACHE", Path.home() / ".cache" / "ferstream")) / "runs"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train the ferstream expression classifier", add_help=add_help)
+    parser.add_argument("--data-path", required=True, help="folder with train/ and val/ ImageFolder trees (<split>/<class>/*.jpg)")
+    parser.add_argument("--train-dir", default="train", help="train split folder name under --data-path")
+    parser.add_argument("--val-dir", default="val", help="validation split folder name under --data-path")
+    parser.add_argument("--arch", default="compact", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--dropout", type=float, default=None, help="override the architecture's dropout before the classifier")
+    parser.add_argument("--name", default=None, help="run name (default: the arch); output goes to ~/.cache/ferstream/runs/<name>")
+    parser.add_argument("--output-dir", default=None, help="run folder (default ~/.cache/ferstream/runs/<name>)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--opt", default="sgd", choices=("sgd", "adamw"), help="sgd is Nesterov SGD with --momentum")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=5e-4)
+    parser.add_argument("--lr-scheduler", default="cosine", choices=("cosine", "plateau"))
+    parser.add_argument("--lr-warmup-epochs", type=float, default=1.0, help="linear warmup from ~0 (per iteration)")
+    parser.add_argument("--lr-min-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    parser.add_argument("--plateau-factor", type=float, default=0.5)
+    parser.add_argument("--plateau-patience", type=int, default=3)
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--mixup-alpha", type=float, default=0.0)
+    parser.add_argument("--cutmix-alpha", type=float, default=0.0)
+    parser.add_argument("--mix-prob", type=float, default=1.0, help="probability a batch is mixed when mixup/cutmix is on")
+    parser.add_argument("--resize-to", type=int, default=48, help="images are loaded at this square size (FER2013: 48)")
+    parser.add_argument("--input-size", type=int, default=44, help="network input side: random crop in training, centre crop at eval")
+    parser.add_argument("--scale", type=float, nargs=2, default=(0.9, 1.1), metavar=("MIN", "MAX"), help="random zoom range")
+    parser.add_argument("--translate", type=float, default=None, help="max shift in pixels (default: the crop margin)")
+    parser.add_argument("--rotation", type=float, default=10.0, help="max rotation in degrees")
+    parser.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    parser.add_argument("--color-jitter", type=float, default=0.0, help="brightness/contrast jitter strength")
+    parser.add_argument("--random-erase", type=float, default=0.0, help="random erasing probability")
+    parser.add_argument("--class-balance", default="none", choices=("none", "weighted-loss", "sampler"))
+    parser.add_argument(
+        "--select-metric", default="accuracy", choices=("accuracy", "macro_f1"), help="val metric for best.pt and early stopping"
+    )
+    parser.add_argument("--patience", type=int, default=0, help="stop after this many epochs without improvement (0 = never)")
+    parser.add_argument("--min-delta", type=float, default=0.0, help="improvement smaller than this does not count")
+    parser.add_argument(
+        "--face-margin",
+        type=float,
+        default=0.0,
+        # Calibrated on FER2013 val with the service's MTCNN: its boxes already span the whole 48x48 FER
+        # framing (median fitting margin -0.02), and service-crop accuracy drops as the margin grows (see MODEL_CARD.md).
+        help="detector-box enlargement per side recorded in the checkpoint for the service's face crop",
+    )
+    parser.add_argument("--resume", default="", help="'auto' (last.pt in the output dir, if any) or a path to a training-state file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument(
+        "--memory-format",
+        default="channels_last",
+        choices=("channels_last", "contiguous"),
+        help="channels_last is ~25%% faster for these convs on oneDNN CPUs",
+    )
+    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    parser.add_argument("--no-cache", action="store_true", help="decode images instead of using the decoded-array cache")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--train-limit", type=int, default=0, help="use only the first N training images per epoch order (debugging)")
+    parser.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate an interruption
+    return parser
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+class TensorAugment:
+    """Batched training augmentation on uint8 N x H x W tensors -> normalized N x 1 x S x S floats.
+
+    One affine warp per sample combines the random crop (translation up to the crop margin),
+    zoom, rotation and horizontal flip; with all of them at zero it reduces to exactly the
+    centre crop of :func:`preprocess_crops`, so training and serving see the same framing.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        resize_to: int,
+        mean: float,
+        std: float,
+        scale: tuple[float, float] = (1.0, 1.0),
+        translate_px: float | None = None,
+        rotation_deg: float = 0.0,
+        hflip: float = 0.0,
+        color_jitter: float = 0.0,
+        random_erase: float = 0.0,
+    ) -> None:
+        self.input_size = input_size
+        self.resize_to = resize_to
+        self.mean, self.std = mean, std
+        self.scale = scale
+        self.translate_px = (resize_to - input_size) / 2 if translate_px is None else translate_px
+        self.rotation = math.radians(rotation_deg)
+        self.hflip = hflip
+        self.color_jitter = color_jitter
+        self.random_erase = random_erase
+
+    def _uniform(self, n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
+        return torch.rand(n, generator=generator) * (high - low) + low
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        n, side = images.shape[0], self.input_size
+        x = images.unsqueeze(1).float().div_(255.0)
+        angle = self._uniform(n, -self.rotation, self.rotation, generator)
+        zoom = self._uniform(n, self.scale[0], self.scale[1], generator)
+        flip = torch.where(torch.rand(n, generator=generator) < self.hflip, -1.0, 1.0)
+        shift = self._uniform(2 * n, -self.translate_px, self.translate_px, generator).view(n, 2) * (2.0 / self.resize_to)
+        # theta maps output coords (normalized to the crop) to input coords (normalized to the image):
+        # the crop covers input_size/resize_to of the image; zoom > 1 magnifies.
+        ratio = (side / self.resize_to) / zoom
+        cos, sin = torch.cos(angle) * ratio, torch.sin(angle) * ratio
+        theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, [n, 1, side, side], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.color_jitter > 0:
+            j = self.color_jitter
+            brightness = self._uniform(n, 1 - j, 1 + j, generator).view(n, 1, 1, 1)
+            contrast = self._uniform(n, 1 - j, 1 + j, generator).view(n, 1, 1, 1)
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = ((x - mean) * contrast + mean * brightness).clamp_(0.0, 1.0)
+        x = (x - self.mean) / self.std
+        if self.random_erase > 0:
+            x = self._erase(x, generator)
+        return x
+
+    def _erase(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Random erasing (Zhong et al.), vectorized: one rectangle of 2-33% area per chosen sample, set to 0 (the mean)."""
+        n, _, h, w = x.shape
+        chosen = torch.rand(n, generator=generator) < self.random_erase
+        area = self._uniform(n, 0.02, 0.33, generator) * h * w
+        aspect = torch.exp(self._uniform(n, math.log(0.3), math.log(1 / 0.3), generator))
+        eh = torch.sqrt(area * aspect).clamp(1, h)
+        ew = torch.sqrt(area / aspect).clamp(1, w)
+        y0 = torch.rand(n, generator=generator) * (h - eh)
+        x0 = torch.rand(n, generator=generator) * (w - ew)
+        rows = torch.arange(h, dtype=torch.float32).view(1, h, 1)
+        cols = torch.arange(w, dtype=torch.float32).view(1, 1, w)
+        inside = (
+            (rows >= y0.view(n, 1, 1)) & (rows < (y0 + eh).view(n, 1, 1)) & (cols >= x0.view(n, 1, 1)) & (cols < (x0 + ew).view(n, 1, 1))
+        )
+        mask = inside & chosen.view(n, 1, 1)
+        return x.masked_fill(mask.unsqueeze(1), 0.0)
+
+
+def mix_batch(
+    x: Tensor,
+    targets: Tensor,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    mix_prob: float,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Mixup or CutMix (one of them, 50/50 when both are on) on a batch with soft targets."""
+    use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0
+    if not (use_mixup or use_cutmix) or rng.random() >= mix_prob:
+        return x, targets
+    cutmix = use_cutmix and (not use_mixup or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix_alpha, cutmix_alpha) if cutmix else rng.beta(mixup_alpha, mixup_alpha))
+    perm = torch.randperm(x.shape[0], generator=generator)
+    if cutmix:
+        h, w = x.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually pasted
+    else:
+        x = x * lam + x[perm] * (1.0 - lam)
+    return x, targets * lam + targets[perm] * (1.0 - lam)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+    warmup = max(0, int(round(args.lr_warmup_epochs * steps_per_epoch)))
+    if args.lr_scheduler == "cosine":
+        total = max(1, args.epochs * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return args.lr_min_ratio + (1.0 - args.lr_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.plateau_factor, patience=args.plateau_patience)
+
+
+def _class_weights(labels: np.ndarray, num_classes: int) -> Tensor:
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    # Inverse frequency, normalized so the average weight per *sample* is 1 (keeps the loss scale/LR meaningful).
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _epoch_order(labels: Tensor, mode: str, generator: torch.Generator, num_classes: int) -> Tensor:
+    n = labels.shape[0]
+    if mode == "sampler":
+        counts = torch.bincount(labels, minlength=num_classes).float()
+        per_sample = (1.0 / counts.clamp(min=1))[labels]
+        return torch.multinomial(per_sample, n, replacement=True, generator=generator)
+    return torch.randperm(n, generator=generator)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    inputs: Tensor,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Tensor:
+    model.eval()
+    outputs = [
+        model(inputs[i : i + batch_size].to(device).contiguous(memory_format=memory_format)).float().cpu()
+        for i in range(0, inputs.shape[0], batch_size)
+    ]
+    return torch.cat(outputs) if outputs else torch.empty((0, 0))
+
+
+def _write_metrics(output_dir: Path, history: list[dict[str, Any]]) -> None:
+    # Rewritten whole every epoch from the checkpointed history, so the files stay consistent after a resume.
+    with open(output_dir / "metrics.csv.tmp", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    (output_dir / "metrics.csv.tmp").replace(output_dir / "metrics.csv")
+    with open(output_dir / "metrics.jsonl.tmp", "w") as handle:
+        for row in history:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+    (output_dir / "metrics.jsonl.tmp").replace(output_dir / "metrics.jsonl")
+
+
+def _plot_curves(output_dir: Path, history: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train (augmented)")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], label="val")
+    ax_loss.set(title="loss", xlabel="epoch")
+    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], label="train acc (augmented)")
+    ax_acc.plot(epochs, [r["val_accuracy"] for r in history], label="val acc")
+    ax_acc.plot(epochs, [r["val_macro_f1"] for r in history], label="val macro-F1")
+    ax_acc.set(title="accuracy", xlabel="epoch")
+    ax_lr.plot(epochs, [r["lr"] for r in history])
+    ax_lr.set(title="learning rate (end of epoch)", xlabel="epoch")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output_dir / "curves.png", dpi=90)
+    plt.close(fig)
+
+
+def _resolve_resume(args: argparse.Namespace, output_dir: Path) -> Path | None:
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        last = output_dir / "last.pt"
+        return last if last.is_file() else None
+    path = Path(args.resume).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path}: no such training-state file")
+    return path
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(args: argparse.Namespace, train_set: ImageDataset, val_set: ImageDataset, output_dir: Path) -> dict[str, Any]:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    num_classes = len(train_set.classes)
+    arch_kwargs: dict[str, Any] = {} if args.dropout is None else {"dropout": args.dropout}
+    # Mean/std from the training images (pixel statistics), rounded so the metadata stays readable.
+    mean = round(float(train_set.images.mean()) / 255.0, 4)
+    std = round(float(train_set.images.std()) / 255.0, 4)
+    name = args.name or args.arch
+    base_metadata = ModelMetadata(
+        model_id=name,
+        arch=args.arch,
+        arch_kwargs=arch_kwargs,
+        classes=tuple(train_set.classes),
+        input_size=args.input_size,
+        resize_to=args.resize_to,
+        grayscale=True,
+        mean=(mean,),
+        std=(std,),
+        face_margin=args.face_margin,
+        metrics={},
+    )
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, num_classes, **arch_kwargs).to(device)
+    memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    if args.opt == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True, weight_decay=args.wd
+        )
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    train_images = torch.from_numpy(train_set.images)
+    train_labels = torch.from_numpy(train_set.labels)
+    n_train = len(train_set) if args.train_limit <= 0 else min(args.train_limit, len(train_set))
+    batch_size = min(args.batch_size, n_train)
+    # drop_last: a 1-sample tail batch would make BatchNorm statistics meaningless.
+    steps_per_epoch = max(1, n_train // batch_size)
+    scheduler = _make_scheduler(args, optimizer, steps_per_epoch)
+    warmup_steps = max(0, int(round(args.lr_warmup_epochs * steps_per_epoch)))
+    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
+    class_weights = _class_weights(train_set.labels, num_classes).to(device) if args.class_balance == "weighted-loss" else None
+    augment = TensorAugment(
+        args.input_size,
+        args.resize_to,
+        mean,
+        std,
+        scale=tuple(args.scale),
+        translate_px=args.translate,
+        rotation_deg=args.rotation,
+        hflip=args.hflip,
+        color_jitter=args.color_jitter,
+        random_erase=args.random_erase,
+    )
+    # The val tensor is built once, through the serving transform.
+    val_inputs = preprocess_crops(list(val_set.images), base_metadata)
+    val_labels = torch.from_numpy(val_set.labels)
+
+    start_epoch, best_score, best_epoch, bad_epochs, wall_time = 0, -math.inf, -1, 0, 0.0
+    history: list[dict[str, Any]] = []
+    resume_path = _resolve_resume(args, output_dir)
+    if resume_path is not None:
+        state = torch.load(resume_path, map_location=device, weights_only=False)
+        if state.get("format") != CHECKPOINT_STATE_FORMAT:
+            raise ValueError(f"{resume_path} is not a training-state file ({CHECKPOINT_STATE_FORMAT})")
+        for key in ("arch", "epochs", "seed", "lr", "opt", "lr_scheduler", "batch_size", "input_size"):
+            if state["args"].get(key) != getattr(args, key):
+                print(
+                    f"warning: resuming with --{key.replace('_', '-')} {getattr(args, key)!r}, the run used {state['args'].get(key)!r}",
+                    flush=True,
+                )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
+        bad_epochs, wall_time, history = state["bad_epochs"], state["wall_time_s"], state["history"]
+        print(
+            f"resumed from {resume_path} at epoch {start_epoch} (best {args.select_metric} {best_score:.4f} at epoch {best_epoch})",
+            flush=True,
+        )
+
+    print(
+        f"arch={args.arch} params={count_parameters(model):,} train={len(train_set)} val={len(val_set)} "
+        f"steps/epoch={steps_per_epoch} device={device} threads={torch.get_num_threads()} output={output_dir}",
+        flush=True,
+    )
+    stopped_early = False
+    epochs_run = 0
+    for epoch in range(start_epoch, args.epochs):
+        if args.patience > 0 and bad_epochs >= args.patience:
+            stopped_early = True
+            break
+        epoch_start = time.perf_counter()
+        # Everything random in this epoch derives from (seed, epoch): exact resume at epoch boundaries.
+        generator = torch.Generator().manual_seed(_epoch_seed(args.seed, epoch))
+        torch.manual_seed(_epoch_seed(args.seed, epoch))  # dropout
+        rng = np.random.default_rng([args.seed, epoch])
+        order = _epoch_order(train_labels, args.class_balance, generator, num_classes)[:n_train]
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            disable=args.no_progress,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            leave=False,
+        )
+        for step in bar:
+            global_step = epoch * steps_per_epoch + step
+            if args.lr_scheduler == "plateau" and global_step < warmup_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = group.setdefault("initial_lr", args.lr) * (global_step + 1) / warmup_steps
+            index = order[step * batch_size : (step + 1) * batch_size]
+            labels = train_labels[index]
+            inputs = augment(train_images[index], generator)
+            targets = F.one_hot(labels, num_classes).float()
+            if args.label_smoothing > 0:
+                targets = targets * (1.0 - args.label_smoothing) + args.label_smoothing / num_classes
+            inputs, targets = mix_batch(inputs, targets, args.mixup_alpha, args.cutmix_alpha, args.mix_prob, rng, generator)
+            inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            targets, labels = targets.to(device), labels.to(device)
+            with torch.autocast(device.type, enabled=scaler is not None):
+                logits = model(inputs)
+                loss = F.cross_entropy(logits, targets, weight=class_weights)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if args.lr_scheduler == "cosine":
+                scheduler.step()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at epoch {epoch + 1} step {step}; lower --lr")
+            loss_sum += loss_value * labels.shape[0]
+            correct += int((logits.detach().argmax(1) == labels).sum())
+            seen += labels.shape[0]
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        bar.close()
+
+        logits = predict_logits(model, val_inputs, device=device, memory_format=memory_format)
+        val_loss = float(F.cross_entropy(logits, val_labels))
+        cm = confusion_matrix(val_labels.numpy(), logits.argmax(1).numpy(), num_classes)
+        val_metrics = metrics_from_confusion(cm, train_set.classes)
+        score = val_metrics["accuracy"] if args.select_metric == "accuracy" else val_metrics["macro"]["f1"]
+        if args.lr_scheduler == "plateau" and (epoch + 1) * steps_per_epoch >= warmup_steps:
+            scheduler.step(score)
+        improved = score > best_score + args.min_delta
+        epoch_time = time.perf_counter() - epoch_start
+        wall_time += epoch_time
+        row = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val_metrics["accuracy"],
+            "val_macro_f1": val_metrics["macro"]["f1"],
+            "epoch_time_s": round(epoch_time, 2),
+            "wall_time_s": round(wall_time, 2),
+            "best": improved,
+        }
+        history.append(row)
+        if improved:
+            best_score, best_epoch, bad_epochs = score, epoch + 1, 0
+            metrics = {
+                "epoch": epoch + 1,
+                "selected_by": f"val {args.select_metric}",
+                # Same key names as `ferstream eval` output, measured on the split named by "split".
+                "split": "val",
+                "data": str(Path(args.data_path).expanduser() / args.val_dir),
+                "accuracy": val_metrics["accuracy"],
+                "macro_f1": val_metrics["macro"]["f1"],
+                "loss": val_loss,
+                "n": len(val_set),
+                "per_class_recall": {c: val_metrics["per_class"][c]["recall"] for c in train_set.classes},
+                "confusion_matrix": val_metrics["confusion_matrix"],
+                "train_n": len(train_set),
+                "params": count_parameters(model),
+            }
+            metadata = dataclasses.replace(base_metadata, model_id=f"{name}-e{epoch + 1:03d}", metrics=metrics)
+            save_checkpoint(output_dir / "best.pt", model, metadata)
+        else:
+            bad_epochs += 1
+        state = {
+            "format": CHECKPOINT_STATE_FORMAT,
+            "args": vars(args),
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "best_score": best_score,
+            "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+            "wall_time_s": wall_time,
+            "history": history,
+        }
+        _atomic_torch_save(state, output_dir / "last.pt")
+        _write_metrics(output_dir, history)
+        try:
+            _plot_curves(output_dir, history)
+        except Exception as exc:  # noqa: BLE001 - a plotting problem must never kill a long run
+            print(f"warning: could not plot curves: {exc}", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs} lr={row['lr']:.5f} train_loss={row['train_loss']:.4f} train_acc={row['train_accuracy']:.4f} "
+            f"val_loss={val_loss:.4f} val_acc={row['val_accuracy']:.4f} val_macro_f1={row['val_macro_f1']:.4f} "
+            f"time={epoch_time:.1f}s{' *best*' if improved else ''}",
+            flush=True,
+        )
+        epochs_run += 1
+        if args.stop_after and epochs_run >= args.stop_after:
+            return {"interrupted": True, "epoch": epoch + 1}
+    summary = {
+        "best_epoch": best_epoch,
+        f"best_val_{args.select_metric}": best_score,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "wall_time_s": round(wall_time, 1),
+        "best_checkpoint": str(output_dir / "best.pt"),
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.input_size > args.resize_to:
+        print(f"error: --input-size {args.input_size} exceeds --resize-to {args.resize_to}", file=sys.stderr)
+        return 2
+    # Process-wide torch settings are restored on return: main() is also called in-process (CLI, tests).
+    previous = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.set_num_threads(args.threads if args.threads > 0 else (os.cpu_count() or 1))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1], warn_only=previous[2])
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    name = args.name or args.arch
+    output_dir = Path(args.output_dir).expanduser() if args.output_dir else default_runs_dir() / name
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data_path = Path(args.data_path).expanduser()
+    started = time.perf_counter()
+    train_set = load_image_folder(data_path / args.train_dir, image_size=args.resize_to, use_cache=not args.no_cache)
+    val_set = load_image_folder(data_path / args.val_dir, image_size=args.resize_to, use_cache=not args.no_cache)
+    if train_set.classes != FER_CLASSES:
+        print(f"note: training on classes {train_set.classes}", flush=True)
+    counts = dict(zip(train_set.classes, train_set.class_counts().tolist(), strict=True))
+    print(f"loaded data in {time.perf_counter() - started:.1f}s: train class counts {counts}", flush=True)
+    (output_dir / "args.json").write_text(
+        json.dumps({**vars(args), "argv": sys.argv if argv is None else argv}, indent=2, default=str) + "\n"
+    )
+    train(args, train_set, val_set, output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

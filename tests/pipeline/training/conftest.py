@@ -1,0 +1,41 @@
+"""Tiny generated FER-style datasets (written with PIL into tmp dirs) for the training tests."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.training.data import FER_CLASSES
+
+
+def class_image(label: int, rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    """An easy, class-dependent pattern (a bright bar whose position encodes the class) plus noise."""
+    image = rng.integers(0, 60, size=(size, size)).astype(np.uint8)
+    band = size // len(FER_CLASSES)
+    image[label * band : (label + 1) * band, 8:-8] = 220
+    return image
+
+
+def write_dataset(root: Path, per_class: int, seed: int = 0, folder_names: dict[str, str] | None = None, suffix: str = ".png") -> Path:
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(FER_CLASSES):
+        folder = root / (folder_names or {}).get(name, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(class_image(label, rng)).save(folder / f"{i:03d}{suffix}")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Never read or fill the user's real ~/.cache/ferstream from tests.
+    monkeypatch.setenv("FERSTREAM_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_fer")
+    write_dataset(root / "train", per_class=12, seed=1)
+    write_dataset(root / "val", per_class=4, seed=2, suffix=".jpg")
+    return root

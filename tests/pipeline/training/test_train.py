@@ -1,0 +1,116 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.checkpoint import ModelMetadata, load_checkpoint, preprocess_crops
+from pipeline.training.train import TensorAugment, main, mix_batch
+
+FAST = ["--arch", "tiny", "--batch-size", "16", "--threads", "1", "--no-progress", "--lr-warmup-epochs", "0"]
+
+
+def run(data, out, *extra: str) -> int:
+    return main(["--data-path", str(data), "--output-dir", str(out), *FAST, *extra])
+
+
+def history(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def metadata(input_size: int = 44) -> ModelMetadata:
+    return ModelMetadata("m", "tiny", {}, ("a", "b"), input_size, 48, True, (0.5,), (0.3,), 0.1, {})
+
+
+def test_augment_without_randomness_is_the_serving_transform():
+    images = np.random.default_rng(0).integers(0, 256, (5, 48, 48), dtype=np.uint8)
+    augment = TensorAugment(44, 48, 0.5, 0.3, translate_px=0.0)
+    out = augment(torch.from_numpy(images), torch.Generator().manual_seed(0))
+    expected = preprocess_crops(list(images), metadata())
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_augment_is_random_but_reproducible():
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 48, 48), dtype=np.uint8))
+    augment = TensorAugment(44, 48, 0.5, 0.3, scale=(0.9, 1.1), rotation_deg=10, hflip=0.5, color_jitter=0.2, random_erase=1.0)
+    a = augment(images, torch.Generator().manual_seed(1))
+    b = augment(images, torch.Generator().manual_seed(1))
+    c = augment(images, torch.Generator().manual_seed(2))
+    assert a.shape == (8, 1, 44, 44)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert ((a == 0).flatten(1).sum(1) > 0).all(), "random erasing with p=1 blanks a patch in every sample"
+
+
+def test_hflip_only_mirrors():
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 48, 48), dtype=np.uint8))
+    plain = TensorAugment(48, 48, 0.5, 0.3)(images, torch.Generator().manual_seed(0))
+    flipped = TensorAugment(48, 48, 0.5, 0.3, hflip=1.0)(images, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(flipped, plain.flip(-1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_mixed_targets_stay_distributions(mixup, cutmix):
+    x = torch.randn(6, 1, 44, 44)
+    targets = torch.nn.functional.one_hot(torch.arange(6) % 3, 3).float()
+    mixed_x, mixed_t = mix_batch(x, targets, mixup, cutmix, 1.0, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    assert mixed_x.shape == x.shape
+    torch.testing.assert_close(mixed_t.sum(1), torch.ones(6))
+
+
+def test_two_epoch_smoke_run_learns_and_writes_artifacts(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert run(tiny_data, out, "--epochs", "2", "--opt", "adamw", "--lr", "0.01", "--wd", "0.0") == 0
+    rows = history(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert min(r["val_loss"] for r in rows) < math.log(7), "better than chance on an easy dataset"
+    for name in ("metrics.csv", "metrics.jsonl", "curves.png", "best.pt", "last.pt", "summary.json", "args.json"):
+        assert (out / name).is_file(), name
+    model, meta = load_checkpoint(out / "best.pt")
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    assert meta.metrics["accuracy"] == best["val_accuracy"] and meta.metrics["split"] == "val"
+    assert meta.input_size == 44 and meta.resize_to == 48 and meta.arch == "tiny"
+    assert sum(meta.metrics["per_class_recall"].values()) > 0
+
+
+def test_resume_after_interruption_is_bit_identical(tiny_data, tmp_path):
+    extra = ("--epochs", "3", "--random-erase", "0.5", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0", "--seed", "3")
+    assert run(tiny_data, tmp_path / "a", *extra) == 0
+    assert run(tiny_data, tmp_path / "b", *extra, "--stop-after", "1") == 0
+    assert len(history(tmp_path / "b")) == 1
+    assert run(tiny_data, tmp_path / "b", *extra, "--resume", "auto") == 0
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][index][name]))
+
+    def strip(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if not k.endswith("time_s")} for row in rows]
+
+    assert strip(history(tmp_path / "a")) == strip(history(tmp_path / "b"))
+
+
+def test_early_stopping(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    # lr 0: nothing can improve after the first epoch, so patience 1 stops after epoch 2.
+    assert run(tiny_data, out, "--epochs", "6", "--lr", "0", "--patience", "1") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["stopped_early"] and summary["best_epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("--class-balance", "sampler", "--lr-scheduler", "plateau", "--lr-warmup-epochs", "0.5", "--select-metric", "macro_f1"),
+        ("--class-balance", "weighted-loss", "--opt", "adamw", "--lr", "0.003", "--label-smoothing", "0.1", "--color-jitter", "0.2"),
+    ],
+)
+def test_recipe_options_run(tiny_data, tmp_path, options):
+    assert run(tiny_data, tmp_path / "run", "--epochs", "1", "--memory-format", "contiguous", *options) == 0
+    assert len(history(tmp_path / "run")) == 1
