@@ -156,8 +156,9 @@ def _mem_total_gib() -> float | None:
     return None
 
 
-def _proc_cpu_ticks() -> dict[int, tuple[int, str]]:
-    ticks: dict[int, tuple[int, str]] = {}
+def proc_stat_table() -> dict[int, tuple[list[str], str]]:
+    """pid -> (the /proc/<pid>/stat fields after the command name, command line) for every process."""
+    table: dict[int, tuple[list[str], str]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -167,9 +168,13 @@ def _proc_cpu_ticks() -> dict[int, tuple[int, str]]:
         except OSError:
             continue
         # The command name may contain spaces and parentheses: fields follow the last ')'.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        ticks[int(entry.name)] = (int(fields[11]) + int(fields[12]), cmdline or stat[stat.find("(") + 1 : stat.rfind(")")])
-    return ticks
+        table[int(entry.name)] = (stat[stat.rfind(")") + 2 :].split(), cmdline or stat[stat.find("(") + 1 : stat.rfind(")")])
+    return table
+
+
+def _proc_cpu_ticks() -> dict[int, tuple[int, str]]:
+    """pid -> (user + system CPU ticks, command line)."""
+    return {pid: (int(fields[11]) + int(fields[12]), cmdline) for pid, (fields, cmdline) in proc_stat_table().items()}
 
 
 def cpu_snapshot() -> dict[int, tuple[int, str]]:

@@ -103,18 +103,7 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, interv
 
 def _process_table() -> dict[int, tuple[int, str]]:
     """pid -> (ppid, command line) for every process."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        table[int(entry.name)] = (int(fields[1]), cmdline or stat[stat.find("(") + 1 : stat.rfind(")")])
-    return table
+    return {pid: (int(fields[1]), cmdline) for pid, (fields, cmdline) in common.proc_stat_table().items()}
 
 
 @dataclass
