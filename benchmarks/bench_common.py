@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from tests.support import RedisServer, free_port, wait_for_port, wait_until  # noqa: E402,F401 - re-exported
 
 DEFAULT_CLIP = "head-pose-face-detection-female-and-male"
 
@@ -78,58 +78,7 @@ def decode_clip(path: Path) -> tuple[ClipInfo, list[Any]]:
 # -- servers --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
-
-
-class RedisServer:
-    """A throw-away redis-server on a free loopback port (no persistence)."""
-
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
-        self.port = port if port is not None else free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._data_dir = data_dir
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-        self._process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self._data_dir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(timeout=10)
-            self._process = None
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
+# free_port, wait_for_port, wait_until and RedisServer are the tests' own (tests/support.py).
 
 
 # -- what was measured, where ---------------------------------------------------------------------

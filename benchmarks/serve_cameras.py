@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,17 +88,6 @@ def _cli(name: str) -> str:
     if found is None:
         raise SystemExit(f"the {name} CLI is not installed")
     return found
-
-
-def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def _process_table() -> dict[int, tuple[int, str]]:
@@ -178,8 +167,8 @@ class ServeApp:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
-        wait_until(self.healthy, 300, "the Serve app's /healthz")
-        wait_until(lambda: self.app_status() == "RUNNING", 300, "every deployment of the app to be running", interval_s=2.0)
+        common.wait_until(self.healthy, 300, "the Serve app's /healthz")
+        common.wait_until(lambda: self.app_status() == "RUNNING", 300, "every deployment of the app to be running", interval_s=2.0)
 
     def check_alive(self) -> None:
         if self.serve_process is None or self.serve_process.poll() is not None:
@@ -405,7 +394,7 @@ def measure_level(
         statuses = stream_statuses(app)
         return all(statuses.get(camera_id, {}).get("state") == "streaming" for camera_id in camera_ids)
 
-    wait_until(all_streaming, 180, f"{cameras} camera(s) to stream", interval_s=1.0)
+    common.wait_until(all_streaming, 180, f"{cameras} camera(s) to stream", interval_s=1.0)
     time.sleep(warmup_s)
     app.check_alive()
     mine = app.own_pids() | {os.getpid()}

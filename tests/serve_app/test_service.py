@@ -25,6 +25,7 @@ import requests
 import yaml
 
 from pipeline.events import ExpressionEvent, stream_key, validate_event_dict
+from tests import support
 from tests.conftest import REPO_ROOT, RedisServer, free_port, require
 from tests.servers import PrometheusServer, RtspServer, sample_value
 
@@ -70,14 +71,7 @@ class Service:
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, service: Service | None = None) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{service.log_tail() if service else ''}")
-        time.sleep(0.5)
+    return support.wait_until(condition, timeout_s, what, detail=service.log_tail if service else str)
 
 
 def start_ray(address_port: int, metrics_port: int, temp_dir: str, env: dict[str, str]) -> None:
@@ -102,7 +96,7 @@ def stop_ray(env: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, shared_clips: dict[str, Path]) -> Iterator[Service]:
     work = tmp_path_factory.mktemp("service")
-    redis_server = RedisServer(free_port(), work)
+    redis_server = RedisServer(work)
     redis_server.start()
     rtsp = RtspServer(shared_clips[CLIP], free_port(), work / "rtsp.log")
     rtsp.start()
