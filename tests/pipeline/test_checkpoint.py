@@ -8,32 +8,12 @@ from pipeline.architectures import build_model
 from pipeline.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
-    ModelMetadata,
     default_checkpoint_path,
     load_checkpoint,
     preprocess_crops,
     save_checkpoint,
 )
-
-CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
-
-
-def make_metadata(**overrides) -> ModelMetadata:
-    values = dict(
-        model_id="unit",
-        arch="tiny",
-        arch_kwargs={},
-        classes=CLASSES,
-        input_size=44,
-        resize_to=48,
-        grayscale=True,
-        mean=(0.5,),
-        std=(0.25,),
-        face_margin=0.15,
-        metrics={"accuracy": 0.5},
-    )
-    values.update(overrides)
-    return ModelMetadata(**values)
+from tests.pipeline.conftest import make_metadata  # noqa: E402
 
 
 def test_round_trip_restores_weights_metadata_and_eval_mode(tmp_path):

@@ -9,22 +9,20 @@ from pipeline.checkpoint import ModelMetadata, default_checkpoint_path, save_che
 from pipeline.classification import ExpressionClassifier, crop_faces, face_crop_transform
 from pipeline.config import ClassifierConfig
 from pipeline.detection import FaceDetection
-
-CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+from tests.pipeline.conftest import CLASSES, make_metadata
 
 
 def metadata(margin: float = 0.0, grayscale: bool = True) -> ModelMetadata:
-    return ModelMetadata(
-        model_id="test-model",
+    channels = 1 if grayscale else 3
+    return make_metadata(
         arch="compact",
-        arch_kwargs={},
-        classes=CLASSES,
         input_size=48,
-        resize_to=48,
         grayscale=grayscale,
-        mean=(0.5,) if grayscale else (0.5, 0.5, 0.5),
-        std=(0.25,) if grayscale else (0.25, 0.25, 0.25),
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
         face_margin=margin,
+        model_id="test-model",
+        metrics={},
     )
 
 
