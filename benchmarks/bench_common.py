@@ -188,12 +188,15 @@ def git_description() -> dict[str, Any]:
 
 
 def model_description(checkpoint: Path | None = None) -> dict[str, Any]:
-    from pipeline.checkpoint import default_checkpoint_path, load_checkpoint
+    """The model a config's ``classifier.checkpoint`` names: a ``.pt`` checkpoint or (``.onnx``) its ONNX export."""
+    from pipeline.checkpoint import default_checkpoint_path, load_checkpoint, load_onnx
 
-    path = checkpoint if checkpoint is not None else default_checkpoint_path()
-    _model, metadata = load_checkpoint(path)
+    path = Path(checkpoint).expanduser() if checkpoint is not None else default_checkpoint_path()
+    onnx = path.suffix == ".onnx"
+    _model, metadata = load_onnx(path) if onnx else load_checkpoint(path)
     return {
         "checkpoint": str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path),
+        **({"format": "onnx"} if onnx else {}),
         "model_id": metadata.model_id,
         "arch": metadata.arch,
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),

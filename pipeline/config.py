@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -95,10 +95,37 @@ class DetectorConfig(StrictModel):
 
 
 class ClassifierConfig(StrictModel):
-    checkpoint: Path | None = Field(None, description="null: the default model shipped with ferstream")
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="torch: a .pt checkpoint in PyTorch; onnxruntime: a `ferstream export --format onnx` file on CPU"
+    )
+    checkpoint: Path | None = Field(
+        None,
+        validate_default=True,
+        description="the model file (~ is expanded); null: the default model shipped with ferstream (torch backend only)",
+    )
     device: Literal["cpu", "cuda"] = "cpu"
     half: bool = Field(True, description="float16 where the device supports it (CUDA)")
     batch_size: int = Field(64, ge=1, le=4096)
+
+    # Field validators (backend is declared first, so it is in info.data) put the offending field in the error's path.
+    @field_validator("checkpoint")
+    @classmethod
+    def _onnxruntime_needs_an_onnx_file(cls, checkpoint: Path | None, info: ValidationInfo) -> Path | None:
+        if checkpoint is None and info.data.get("backend") == "onnxruntime":
+            raise ValueError("required when backend is 'onnxruntime': the .onnx file `ferstream export --format onnx` wrote")
+        return checkpoint
+
+    @field_validator("device")
+    @classmethod
+    def _onnxruntime_runs_on_cpu(cls, device: str, info: ValidationInfo) -> str:
+        if device != "cpu" and info.data.get("backend") == "onnxruntime":
+            raise ValueError("must be 'cpu' when backend is 'onnxruntime' (this backend runs on CPU only)")
+        return device
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """``checkpoint`` with ``~`` expanded where the model is loaded (the config may be parsed elsewhere)."""
+        return self.checkpoint.expanduser() if self.checkpoint is not None else None
 
 
 class TrackerConfig(StrictModel):

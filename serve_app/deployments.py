@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from pipeline.batching import BusyAwareBatchWait
 from pipeline.checkpoint import ModelMetadata
 from pipeline.classification import ExpressionClassifier, crop_faces
 from pipeline.config import ConfigError, PipelineConfig, SourceConfig, apply_environment, parse_config
@@ -61,18 +62,37 @@ class BatchingOptions(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
 
 
-def reconfigure_batching(method: Any, user_config: dict[str, Any], deployment: str) -> None:
+def reconfigure_batching(method: Any, batch_wait: BusyAwareBatchWait, user_config: dict[str, Any], deployment: str) -> None:
     options = parse_config(BatchingOptions, user_config, f"{deployment}.user_config")
     method.set_max_batch_size(options.max_batch_size)
+    batch_wait.base_wait_s = options.batch_wait_timeout_s
     method.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
 
-async def run_batch(model_call: Callable[[list[np.ndarray]], Any], items: list[np.ndarray], metrics: PipelineMetrics, stage: str) -> Any:
+async def submit(method: Any, batch_wait: BusyAwareBatchWait, item: np.ndarray) -> Any:
+    """Queue one item for a ``@serve.batch`` method, first setting the wait of the batch it may
+    open: the model's remaining busy time, so batches fill while a call runs (pipeline.batching)."""
+    method.set_batch_wait_timeout_s(batch_wait.wait_timeout(time.perf_counter()))
+    return await method(item)
+
+
+async def run_batch(
+    model_call: Callable[[list[np.ndarray]], Any],
+    items: list[np.ndarray],
+    batch_wait: BusyAwareBatchWait,
+    metrics: PipelineMetrics,
+    stage: str,
+) -> Any:
     """One model call on a formed batch, off the event loop (so health checks and new requests are
     answered meanwhile), with its latency and batch size recorded."""
     started = time.perf_counter()
-    result = await asyncio.to_thread(model_call, items)
-    metrics.stage_latency.labels(stage=stage).observe(time.perf_counter() - started)
+    batch_wait.started(len(items), started)
+    try:
+        result = await asyncio.to_thread(model_call, items)
+    finally:
+        duration = time.perf_counter() - started
+        batch_wait.finished(len(items), duration)
+    metrics.stage_latency.labels(stage=stage).observe(duration)
     metrics.batch_size.labels(stage=stage).observe(len(items))
     return result
 
@@ -89,13 +109,17 @@ class FaceDetectorDeployment:
         pipeline_config = load_pipeline_config(config, "FaceDetector")
         self.detector = build_detector(pipeline_config.detector)
         self.metrics = replica_metrics()
+        self.batch_wait = BusyAwareBatchWait(BatchingOptions().batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        reconfigure_batching(self.detect, user_config, "FaceDetector")
+        reconfigure_batching(self.detect_batch, self.batch_wait, user_config, "FaceDetector")
+
+    async def detect(self, image: np.ndarray) -> list[FaceDetection]:
+        return await submit(self.detect_batch, self.batch_wait, image)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def detect(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
-        return await run_batch(self.detector.detect_batch, images, self.metrics, "detect")
+    async def detect_batch(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
+        return await run_batch(self.detector.detect_batch, images, self.batch_wait, self.metrics, "detect")
 
 
 @serve.deployment(name="ExpressionClassifier")
@@ -104,16 +128,20 @@ class ExpressionClassifierDeployment:
         pipeline_config = load_pipeline_config(config, "ExpressionClassifier")
         self.classifier = ExpressionClassifier(pipeline_config.classifier)
         self.metrics = replica_metrics()
+        self.batch_wait = BusyAwareBatchWait(BatchingOptions().batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        reconfigure_batching(self.classify, user_config, "ExpressionClassifier")
+        reconfigure_batching(self.classify_batch, self.batch_wait, user_config, "ExpressionClassifier")
 
     def metadata(self) -> ModelMetadata:
         return self.classifier.metadata
 
+    async def classify(self, crop: np.ndarray) -> np.ndarray:
+        return await submit(self.classify_batch, self.batch_wait, crop)
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def classify(self, crops: list[np.ndarray]) -> list[np.ndarray]:
-        return list(await run_batch(self.classifier.predict, crops, self.metrics, "classify"))
+    async def classify_batch(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        return list(await run_batch(self.classifier.predict, crops, self.batch_wait, self.metrics, "classify"))
 
 
 class CameraSession:

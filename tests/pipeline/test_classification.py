@@ -1,15 +1,20 @@
 import math
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from pipeline.architectures import build_model
-from pipeline.checkpoint import ModelMetadata, default_checkpoint_path, save_checkpoint
+from pipeline.checkpoint import ONNX_METADATA_KEY, CheckpointError, ModelMetadata, default_checkpoint_path, save_checkpoint
 from pipeline.classification import ExpressionClassifier, crop_faces, face_crop_transform
 from pipeline.config import ClassifierConfig
 from pipeline.detection import FaceDetection
+from pipeline.training.export import export
 from tests.pipeline.conftest import CLASSES, make_metadata
+
+# ONNX Runtime backend vs PyTorch backend, on the same crops: max |probability| difference.
+PROBABILITY_TOLERANCE = 1e-5
 
 
 def metadata(margin: float = 0.0, grayscale: bool = True) -> ModelMetadata:
@@ -90,3 +95,79 @@ def test_the_default_model_is_shipped_and_loads():
     classifier = ExpressionClassifier(ClassifierConfig())
     assert set(classifier.classes) == set(CLASSES)
     assert classifier.metadata.metrics.get("accuracy", 0) > 0.5, "the shipped model is trained, with its validation accuracy recorded"
+
+
+def face_crops(classifier: ExpressionClassifier, n: int, seed: int) -> list[np.ndarray]:
+    """The service's crops (aligned, padded, from a BGR frame) plus raw gray and BGR crops of assorted sizes."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    detections = [FaceDetection(box=(10 + 20 * i, 10 + 5 * i, 70 + 20 * i, 80 + 5 * i), score=0.99) for i in range(n)]
+    crops = classifier.crop(image, detections)
+    for i in range(n):
+        side = int(rng.integers(20, 160))
+        crops.append(rng.integers(0, 256, (side, side) if i % 2 else (side, side, 3), dtype=np.uint8))
+    return crops
+
+
+def assert_backends_agree(checkpoint_path, tmp_path, batch_size: int) -> None:
+    onnx_path = tmp_path / "exported" / "model.onnx"
+    export(checkpoint_path, "onnx", onnx_path)
+    reference = ExpressionClassifier(ClassifierConfig(checkpoint=checkpoint_path, batch_size=batch_size))
+    classifier = ExpressionClassifier(ClassifierConfig(backend="onnxruntime", checkpoint=onnx_path, batch_size=batch_size))
+    assert classifier.model is None and classifier.session is not None, "the onnxruntime backend does not run PyTorch"
+    assert classifier.metadata == reference.metadata
+    crops = face_crops(reference, 9, seed=1)
+    # One crop path for both backends (it depends only on the metadata, which the export carries).
+    for ours, theirs in zip(face_crops(classifier, 9, seed=1), crops, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    expected, probabilities = reference.predict(crops), classifier.predict(crops)
+    assert probabilities.shape == expected.shape and probabilities.dtype == np.float32
+    diff = float(np.abs(probabilities - expected).max())
+    assert diff < PROBABILITY_TOLERANCE, f"max |probability diff| {diff:.2e}"
+    np.testing.assert_array_equal(probabilities.argmax(1), expected.argmax(1))
+    # Deterministic, and batching does not change results.
+    np.testing.assert_array_equal(classifier.predict(crops), probabilities)
+    np.testing.assert_allclose(np.concatenate([classifier.predict([crop]) for crop in crops]), probabilities, atol=1e-6)
+    assert classifier.predict([]).shape == (0, len(classifier.classes))
+    print(f"{reference.model_id}: max |probability diff| onnxruntime vs torch {diff:.2e}")
+
+
+@pytest.mark.parametrize("grayscale", [True, False])
+def test_onnxruntime_backend_matches_the_torch_backend(tmp_path, grayscale):
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    channels = 1 if grayscale else 3
+    model = build_model("compact", len(CLASSES), in_channels=channels)
+    with torch.no_grad():
+        # An untrained net's probabilities are nearly uniform, which would hide a difference: sharpen them.
+        [head for head in model.modules() if isinstance(head, torch.nn.Linear)][-1].weight.mul_(50)
+    save_checkpoint(path, model, metadata(margin=0.1, grayscale=grayscale))
+    assert_backends_agree(path, tmp_path, batch_size=4)
+
+
+def test_onnxruntime_backend_matches_the_torch_backend_on_the_shipped_model(tmp_path):
+    assert_backends_agree(default_checkpoint_path(), tmp_path, batch_size=64)
+
+
+def test_onnxruntime_backend_names_the_field_and_file_when_the_model_is_unusable(checkpoint, tmp_path):
+    missing = tmp_path / "nope.onnx"
+    with pytest.raises(FileNotFoundError, match=r"classifier\.checkpoint.*nope\.onnx"):
+        ExpressionClassifier(ClassifierConfig(backend="onnxruntime", checkpoint=missing))
+    # A valid ONNX model, but not a ferstream export: no metadata.
+    exported = tmp_path / "model.onnx"
+    export(checkpoint, "onnx", exported)
+    proto = onnx.load(str(exported))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(CheckpointError, match=rf"classifier\.checkpoint.*bare\.onnx.*{ONNX_METADATA_KEY}"):
+        ExpressionClassifier(ClassifierConfig(backend="onnxruntime", checkpoint=bare))
+    # A PyTorch checkpoint given to the onnxruntime backend.
+    with pytest.raises(CheckpointError, match=r"classifier\.checkpoint.*model\.pt.*not a readable ONNX model"):
+        ExpressionClassifier(ClassifierConfig(backend="onnxruntime", checkpoint=checkpoint))
+
+
+def test_checkpoint_path_expands_the_home_directory(checkpoint, monkeypatch):
+    monkeypatch.setenv("HOME", str(checkpoint.parent))
+    classifier = ExpressionClassifier(ClassifierConfig(checkpoint="~/model.pt"))
+    assert classifier.model_id == "test-model"

@@ -3,18 +3,44 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pipeline.config import BackoffConfig, ConfigError, PipelineConfig, SourceConfig, load_config, parse_config, url_scheme
+from pipeline.config import (
+    BackoffConfig,
+    ClassifierConfig,
+    ConfigError,
+    PipelineConfig,
+    SourceConfig,
+    load_config,
+    parse_config,
+    url_scheme,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["pipeline.yaml", "pipeline-gpu.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["pipeline.yaml", "pipeline-gpu.yaml", "pipeline-onnx.yaml", "demo.yaml"])
 def test_shipped_configs_are_valid(name):
     load_config(REPO / "configs" / name)
 
 
 def test_the_demo_config_has_a_camera():
     assert load_config(REPO / "configs" / "demo.yaml").cameras
+
+
+def test_the_onnx_config_selects_onnxruntime_without_needing_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # an empty home: the exported model does not exist
+    classifier = load_config(REPO / "configs" / "pipeline-onnx.yaml").classifier
+    assert classifier.backend == "onnxruntime" and classifier.device == "cpu"
+    assert classifier.checkpoint_path == tmp_path / ".cache" / "ferstream" / "export" / "expression_default.onnx"
+    assert not classifier.checkpoint_path.exists()
+    # Otherwise the same as the reference config.
+    onnx_config = load_config(REPO / "configs" / "pipeline-onnx.yaml").model_dump(exclude={"classifier"})
+    assert onnx_config == load_config(REPO / "configs" / "pipeline.yaml").model_dump(exclude={"classifier"})
+
+
+def test_classifier_backend_defaults_to_torch_and_the_shipped_model():
+    config = ClassifierConfig()
+    assert config.backend == "torch" and config.checkpoint is None and config.checkpoint_path is None
+    assert ClassifierConfig(backend="onnxruntime", checkpoint="m.onnx").checkpoint_path == Path("m.onnx")
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -36,6 +62,10 @@ def write(tmp_path: Path, text: str) -> Path:
         ("events: {redis_url: 'http://x'}", "events.redis_url"),
         ("events: {retry: {initial_s: 5, max_s: 1}}", "events.retry"),
         ("tracker: {ema_alpha: 0}", "tracker.ema_alpha"),
+        ("classifier: {backend: tensorrt}", "classifier.backend"),
+        ("classifier: {backend: onnxruntime, checkpoint: m.onnx, device: cuda}", "classifier.device"),
+        ("classifier: {backend: onnxruntime}", "classifier.checkpoint"),
+        ("classifier: {backend: onnxruntime, checkpoint: null}", "classifier.checkpoint"),
         ("metrics: {prot: 1}", "metrics.prot"),
     ],
 )
@@ -75,3 +105,11 @@ def test_models_are_frozen_and_strict():
     with pytest.raises(ConfigError, match="reconect"):
         parse_config(PipelineConfig, {"cameras": [{"camera_id": "a", "url": "a.mp4", "reconect": {}}]}, "test")
     assert BackoffConfig().max_s >= BackoffConfig().initial_s
+
+
+def test_the_onnxruntime_backend_is_cpu_only_and_needs_a_file():
+    with pytest.raises(ValidationError, match="CPU only"):
+        ClassifierConfig(backend="onnxruntime", checkpoint="m.onnx", device="cuda")
+    with pytest.raises(ValidationError, match="ferstream export --format onnx"):
+        ClassifierConfig(backend="onnxruntime")
+    assert ClassifierConfig(device="cuda").backend == "torch"

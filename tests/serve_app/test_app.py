@@ -5,11 +5,14 @@ record nowhere without ``ray.init``)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import ray
 import yaml
@@ -25,6 +28,7 @@ from ray.serve.schema import (
 )
 
 import serve_app.metrics as serve_metrics
+from pipeline.batching import BusyAwareBatchWait
 from pipeline.config import ConfigError, PipelineConfig, SourceConfig, load_config
 from pipeline.metrics import BATCH_BUCKETS, PipelineMetrics
 from serve_app.app import REPO_ROOT, absolute_file_url, build_app, load_cameras, resolve_path
@@ -37,6 +41,8 @@ from serve_app.deployments import (
     IngestOptions,
     StreamRequest,
     reconfigure_batching,
+    run_batch,
+    submit,
 )
 from serve_app.metrics import RayMetric, RayMetricFactory
 
@@ -339,17 +345,59 @@ class FakeBatchMethod:
 
 
 def test_reconfigure_batching_sets_both_options() -> None:
-    method = FakeBatchMethod()
-    reconfigure_batching(method, {"max_batch_size": 32}, "FaceDetector")
+    method, batch_wait = FakeBatchMethod(), BusyAwareBatchWait(0.5)
+    reconfigure_batching(method, batch_wait, {"max_batch_size": 32}, "FaceDetector")
     assert method.calls == [("max_batch_size", 32), ("batch_wait_timeout_s", 0.01)]
+    assert batch_wait.base_wait_s == 0.01  # the idle wait follows user_config too
 
 
 @pytest.mark.parametrize("user_config", [{"max_batch_size": 0}, {"batch_wait_timeout_s": -1}, {"max_batch": 8}])
 def test_reconfigure_batching_rejects_bad_user_config(user_config: dict[str, Any]) -> None:
-    method = FakeBatchMethod()
+    method, batch_wait = FakeBatchMethod(), BusyAwareBatchWait(0.5)
     with pytest.raises(ConfigError, match=r"FaceDetector\.user_config: "):
-        reconfigure_batching(method, user_config, "FaceDetector")
-    assert method.calls == []
+        reconfigure_batching(method, batch_wait, user_config, "FaceDetector")
+    assert method.calls == [] and batch_wait.base_wait_s == 0.5
+
+
+class FakeBatchedCall(FakeBatchMethod):
+    """A ``@serve.batch`` method that runs every item as its own batch through ``run_batch``."""
+
+    def __init__(self, model_call: Any, batch_wait: BusyAwareBatchWait, metrics: PipelineMetrics) -> None:
+        super().__init__()
+        self.model_call, self.batch_wait, self.metrics = model_call, batch_wait, metrics
+
+    async def __call__(self, item: np.ndarray) -> Any:
+        return (await run_batch(self.model_call, [item], self.batch_wait, self.metrics, "detect"))[0]
+
+
+def test_submit_waits_for_the_running_call_and_run_batch_records_it() -> None:
+    import asyncio
+
+    release = threading.Event()
+
+    def slow_model(items: list[np.ndarray]) -> list[int]:
+        release.wait(5)
+        return [int(item.sum()) for item in items]
+
+    batch_wait = BusyAwareBatchWait(0.002)
+    batch_wait.finished(1, 0.4)  # a call on one item has taken 0.4 s
+    metrics = PipelineMetrics()
+    method = FakeBatchedCall(slow_model, batch_wait, metrics)
+
+    async def scenario() -> tuple[int, int]:
+        first = asyncio.create_task(submit(method, batch_wait, np.ones((2, 2))))
+        await asyncio.sleep(0.05)  # the model is now busy with the first item
+        second = asyncio.create_task(submit(method, batch_wait, np.ones((3, 3))))
+        await asyncio.sleep(0.05)
+        release.set()
+        return await first, await second
+
+    assert asyncio.run(scenario()) == (4, 9)
+    idle_wait, busy_wait = method.calls[0][1], method.calls[1][1]
+    assert idle_wait == pytest.approx(0.002)  # an idle model: the configured wait only
+    assert 0.3 < busy_wait < 0.402  # the second item's batch waits for the rest of the running call
+    assert batch_wait.wait_timeout(time.perf_counter()) == pytest.approx(0.002)  # idle again afterwards
+    assert batch_wait.expected_duration(1) > 0.05  # the measured calls updated the average
 
 
 # -- the Ray metrics adapter ------------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""A running Serve app for the end-to-end tests: a local Ray head (``ray start``) and the app
+started with ``serve run`` on a copy of a shipped Serve config, as the README tells users to do.
+The copy changes only what a test must change (ports, start-up cameras, the pipeline config)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+import requests
+import yaml
+
+from pipeline.events import ExpressionEvent, stream_key
+from tests import support
+from tests.conftest import REPO_ROOT, free_port, require
+
+
+@dataclass
+class Service:
+    api: str
+    redis_url: str
+    ray_address: str
+    metrics_port: int
+    log_path: Path
+
+    def events(self, camera_id: str) -> list[ExpressionEvent]:
+        client = redis.Redis.from_url(self.redis_url)
+        return [ExpressionEvent.from_fields(fields) for _id, fields in client.xrange(stream_key("ferstream", camera_id))]
+
+    def event_count(self, camera_id: str) -> int:
+        return int(redis.Redis.from_url(self.redis_url).xlen(stream_key("ferstream", camera_id)))
+
+    def streams(self) -> dict[str, dict[str, Any]]:
+        response = requests.get(f"{self.api}/streams", timeout=10)
+        response.raise_for_status()
+        return {stream["id"]: stream for stream in response.json()}
+
+    def post_stream(self, body: dict[str, Any]) -> requests.Response:
+        return requests.post(f"{self.api}/streams", json=body, timeout=10)
+
+    def ray_driver(self, code: str) -> Any:
+        """Run ``code`` (which must print one JSON line last) as a separate Ray driver on this cluster."""
+        prelude = (
+            f"import json, ray; from ray import serve; ray.init(address={self.ray_address!r}, logging_level='ERROR', log_to_driver=False); "
+        )
+        result = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def ingest(self) -> dict[str, Any]:
+        """Ingest.describe() through a Serve handle."""
+        return self.ray_driver("print(json.dumps(serve.get_deployment_handle('Ingest', 'ferstream').describe.remote().result()))")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+
+    def wait_until(self, condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+        return support.wait_until(condition, timeout_s, what, detail=self.log_tail)
+
+
+def ray_cli(name: str) -> str:
+    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    require(path is not None, f"the {name} CLI is not installed")
+    assert path is not None
+    return path
+
+
+def start_ray(address_port: int, metrics_port: int, temp_dir: str, env: dict[str, str], resources: Sequence[str]) -> None:
+    subprocess.run(
+        [
+            ray_cli("ray"), "start", "--head", f"--port={address_port}", "--node-ip-address=127.0.0.1",
+            f"--metrics-export-port={metrics_port}", f"--dashboard-port={free_port()}", "--dashboard-host=127.0.0.1", *resources,
+            "--object-store-memory=300000000", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ],
+        env=env, check=True, capture_output=True, timeout=180,
+    )  # fmt: skip
+
+
+def stop_ray(env: dict[str, str]) -> None:
+    subprocess.run([ray_cli("ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@contextmanager
+def running_service(
+    work: Path,
+    serve_config: str,
+    redis_url: str,
+    resources: Sequence[str] = ("--num-cpus=4",),
+    pipeline_overrides: dict[str, dict[str, Any]] | None = None,
+) -> Iterator[Service]:
+    """``serve run`` on a copy of ``configs/<serve_config>`` on free loopback ports, without start-up
+    cameras; ``pipeline_overrides`` (section -> fields) are applied to a copy of its pipeline config."""
+    # Ray's unix sockets must fit in 107 bytes: keep its session directory short.
+    ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # Token auth off, explicitly: a loopback-only test cluster; with a ~/.ray/auth_token left on the
+    # machine, Ray 2.60 would otherwise demand a token that `serve run` does not send.
+    env = {**os.environ, "FERSTREAM_REDIS_URL": redis_url, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    ray_port, metrics_port, http_port = free_port(), free_port(), free_port()
+
+    config = yaml.safe_load((REPO_ROOT / "configs" / serve_config).read_text())
+    config["http_options"].update(host="127.0.0.1", port=http_port)
+    args = config["applications"][0]["args"]
+    args["cameras_file"] = None
+    if pipeline_overrides:
+        pipeline = yaml.safe_load((REPO_ROOT / args["pipeline_config"]).read_text())
+        for section, fields in pipeline_overrides.items():
+            pipeline[section].update(fields)
+        args["pipeline_config"] = str(work / "pipeline.yaml")
+        (work / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    config_path = work / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = work / "serve.log"
+    serve_process: subprocess.Popen[bytes] | None = None
+    try:
+        start_ray(ray_port, metrics_port, ray_dir, env, resources)
+        ray_address = f"127.0.0.1:{ray_port}"
+        with log_path.open("wb") as log:
+            command = [ray_cli("serve"), "run", "--address", ray_address, str(config_path)]
+            serve_process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        service = Service(f"http://127.0.0.1:{http_port}", redis_url, ray_address, metrics_port, log_path)
+
+        def healthy() -> bool:
+            assert serve_process is not None and serve_process.poll() is None, f"serve run exited\n{service.log_tail()}"
+            try:
+                return requests.get(f"{service.api}/healthz", timeout=5).status_code == 200
+            except requests.RequestException:  # the proxy answers before the app is deployed
+                return False
+
+        service.wait_until(healthy, 300, "the Serve app to become healthy")
+        yield service
+    finally:
+        if serve_process is not None and serve_process.poll() is None:
+            serve_process.send_signal(signal.SIGINT)  # serve run shuts the app down on Ctrl-C
+            try:
+                serve_process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                serve_process.kill()
+        stop_ray(env)
+        shutil.rmtree(ray_dir, ignore_errors=True)
