@@ -1,33 +1,48 @@
-"""Dataset loading into uint8 arrays in RAM: ImageFolder trees (``<root>/<class>/*.jpg|png``), fer2013.csv, FER+.
+"""Dataset loading into uint8 arrays in RAM, every layout mapped to one canonical class order.
+
+Layouts: ImageFolder trees (``<root>/<class>/*.jpg|png``) with class names or, under a label
+scheme, the digit folders of the Kaggle RAF-DB (``1``-``7``) and AffectNet (``0``-``7``) exports;
+the original RAF-DB basic release (``EmoLabel/list_patition_label.txt`` + ``Image/aligned/``);
+fer2013.csv (``emotion,pixels,Usage``); FER+ majority labels (``fer2013new.csv``) on fer2013.csv.
+:func:`load_split` picks one of them (``--data-format``) for ``ferstream train`` and ``ferstream eval``.
 
 FER2013 is tiny (28,709 x 48 x 48 bytes = 66 MB), so the whole split is decoded once and kept as
 one numpy array; the two CPU cores then go to the network instead of to JPEG decoding every
-epoch. The decoded arrays are cached on disk keyed by the files' paths, sizes and mtimes.
+epoch. Decoded image files are cached on disk keyed by the files' paths, labels, sizes and mtimes.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "CLASS_ALIASES",
+    "DATA_FORMATS",
     "FER_CLASSES",
+    "LABEL_SCHEMES",
+    "SPLITS",
     "DatasetError",
     "ImageDataset",
+    "add_dataset_arguments",
     "cache_dir",
     "canonical_class",
     "ferplus_majority_label",
     "load_fer2013_csv",
     "load_ferplus",
     "load_image_folder",
+    "load_rafdb",
+    "load_split",
+    "resolve_format",
 ]
 
 # Canonical order: the seven FER2013 names, alphabetical. Label i always means FER_CLASSES[i].
@@ -52,12 +67,20 @@ CLASS_ALIASES: dict[str, str] = {
     "suprise": "surprise",  # misspelling found in several public FER folder dumps
 }
 
+# Digit class folders/labels -> class names. "names" (the default) means folders named after the classes.
+LABEL_SCHEMES: dict[str, dict[str, str]] = {
+    # RAF-DB basic emotion labels (list_patition_label.txt and the Kaggle train/1..7 exports).
+    "rafdb": {"1": "surprise", "2": "fear", "3": "disgust", "4": "happy", "5": "sad", "6": "angry", "7": "neutral"},
+    # AffectNet expression codes 0-7 (the Kaggle 8-class exports); 7 contempt is not a FER2013 class.
+    "affectnet": {"0": "neutral", "1": "happy", "2": "sad", "3": "surprise", "4": "fear", "5": "disgust", "6": "angry", "7": "contempt"},
+}
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".pgm")
 _CACHE_VERSION = "1"
 
 
 class DatasetError(ValueError):
-    """The dataset tree is malformed; the message names the offending folder or file."""
+    """The dataset is malformed; the message names the offending folder, file or line."""
 
 
 @dataclass(frozen=True)
@@ -82,23 +105,69 @@ def canonical_class(name: str, classes: Sequence[str] = FER_CLASSES) -> str | No
     return alias if alias in classes else None
 
 
+def _scheme_summary(scheme: str) -> str:
+    return ", ".join(f"{code} {name}" for code, name in LABEL_SCHEMES[scheme].items())
+
+
+class _Labeler:
+    """A dataset's class name -> label index in ``classes``; None for a class in ``skip_classes``.
+
+    Any other class outside ``classes`` is a DatasetError naming it and where it was found.
+    """
+
+    def __init__(self, classes: Sequence[str], skip_classes: Iterable[str] = ()) -> None:
+        self.classes = tuple(classes)
+        self.skip = {CLASS_ALIASES.get(key, key) for key in (name.strip().lower() for name in skip_classes)}
+
+    def __call__(self, name: str, where: str) -> int | None:
+        key = name.strip().lower()
+        if key in self.skip or CLASS_ALIASES.get(key) in self.skip:
+            return None
+        canonical = canonical_class(key, self.classes)
+        if canonical is None:
+            raise DatasetError(
+                f"unknown class {where}; expected one of {', '.join(self.classes)} (or an alias); "
+                f"to leave it out, skip it (--skip-classes {key})"
+            )
+        return self.classes.index(canonical)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("FERSTREAM_CACHE", Path.home() / ".cache" / "ferstream")) / "data"
 
 
-def _list_files(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
+def _folder_class(folder: Path, label_scheme: str) -> str:
+    """The class name a class folder stands for under ``label_scheme``."""
+    name = folder.name
+    if label_scheme == "names":
+        if name.isdigit():
+            raise DatasetError(
+                f"class folder {name!r} in {folder.parent} is a number; numeric class folders need a label scheme: "
+                f"--label-scheme rafdb ({_scheme_summary('rafdb')}) or --label-scheme affectnet ({_scheme_summary('affectnet')})"
+            )
+        return name
+    codes = LABEL_SCHEMES[label_scheme]
+    code = str(int(name)) if name.isdigit() else name
+    if code not in codes:
+        raise DatasetError(f"class folder {name!r} in {folder.parent} is not a {label_scheme} label; expected folders {', '.join(codes)}")
+    return codes[code]
+
+
+def _list_files(root: Path, labeler: _Labeler, label_scheme: str) -> list[tuple[str, int]]:
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
+    if label_scheme != "names" and label_scheme not in LABEL_SCHEMES:
+        raise DatasetError(f"unknown label scheme {label_scheme!r}; expected names, {', '.join(LABEL_SCHEMES)}")
     entries: list[tuple[str, int]] = []
-    seen: dict[str, str] = {}
+    seen: dict[int, str] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        name = canonical_class(folder.name, classes)
-        if name is None:
-            raise DatasetError(f"unknown class folder {folder.name!r} in {root}; expected one of {', '.join(classes)} (or an alias)")
-        if name in seen:
-            raise DatasetError(f"class folders {seen[name]!r} and {folder.name!r} in {root} both mean {name!r}")
-        seen[name] = folder.name
-        label = classes.index(name)
+        name = _folder_class(folder, label_scheme)
+        label = labeler(name, f"folder {folder.name!r}{'' if name == folder.name else f' ({name})'} in {root}")
+        if label is None:
+            continue
+        if label in seen:
+            raise DatasetError(f"class folders {seen[label]!r} and {folder.name!r} in {root} both mean {labeler.classes[label]!r}")
+        seen[label] = folder.name
         for file in sorted(folder.iterdir()):
             if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
                 entries.append((f"{folder.name}/{file.name}", label))
@@ -115,31 +184,24 @@ def _cache_key(root: Path, entries: Iterable[tuple[str, int]], image_size: int, 
     return digest.hexdigest()[:24]
 
 
+def _gray(image: Image.Image, image_size: int) -> np.ndarray:
+    """``image`` as ``image_size`` x ``image_size`` grayscale uint8: the one conversion every loader uses."""
+    gray = image.convert("L")
+    if gray.size != (image_size, image_size):
+        gray = gray.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(gray, dtype=np.uint8)
+
+
 def _decode(path: Path, image_size: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
-            gray = image.convert("L")
-            if gray.size != (image_size, image_size):
-                gray = gray.resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(gray, dtype=np.uint8)
+            return _gray(image, image_size)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"cannot decode image {path}: {exc}") from exc
 
 
-def load_image_folder(
-    root: str | Path,
-    image_size: int = 48,
-    classes: Sequence[str] = FER_CLASSES,
-    use_cache: bool = True,
-) -> ImageDataset:
-    """Decode every image under ``root/<class>/`` to ``image_size`` x ``image_size`` grayscale uint8.
-
-    Class folders may use aliases (``anger``, ``happiness``...). Labels always index ``classes``
-    in canonical order, whatever subset of folders exists. Errors name the folder or file.
-    """
-    root = Path(root)
-    classes = tuple(classes)
-    entries = _list_files(root, classes)
+def _load_files(root: Path, entries: list[tuple[str, int]], image_size: int, classes: tuple[str, ...], use_cache: bool) -> ImageDataset:
+    """Decode ``root/<rel>`` of every (rel, label) entry, through the on-disk decoded-array cache."""
     cache_file: Path | None = None
     if use_cache:
         cache_file = cache_dir() / f"{_cache_key(root, entries, image_size, classes)}.npz"
@@ -163,12 +225,88 @@ def load_image_folder(
     return ImageDataset(images, labels, classes, tuple(rel for rel, _ in entries))
 
 
+def load_image_folder(
+    root: str | Path,
+    image_size: int = 48,
+    classes: Sequence[str] = FER_CLASSES,
+    use_cache: bool = True,
+    label_scheme: str = "names",
+    skip_classes: Iterable[str] = (),
+) -> ImageDataset:
+    """Decode every image under ``root/<class>/`` to ``image_size`` x ``image_size`` grayscale uint8.
+
+    With ``label_scheme="names"`` class folders are class names or aliases (``anger``, ``happiness``...);
+    ``"rafdb"`` and ``"affectnet"`` read digit folders with those datasets' label codes. Folders of
+    classes in ``skip_classes`` (e.g. AffectNet's ``contempt``) are left out; any other class outside
+    ``classes`` is an error. Labels always index ``classes`` in canonical order, whatever subset of
+    folders exists. Errors name the folder or file.
+    """
+    root = Path(root)
+    classes = tuple(classes)
+    entries = _list_files(root, _Labeler(classes, skip_classes), label_scheme)
+    return _load_files(root, entries, image_size, classes, use_cache)
+
+
+# --------------------------------------------------------------------------- RAF-DB basic release
+
+RAFDB_SPLITS = ("train", "test")
+RAFDB_LIST = Path("EmoLabel") / "list_patition_label.txt"  # sic: the release's spelling
+
+
+def load_rafdb(
+    root: str | Path,
+    split: str = "train",
+    image_size: int = 48,
+    classes: Sequence[str] = FER_CLASSES,
+    use_cache: bool = True,
+    skip_classes: Iterable[str] = (),
+) -> ImageDataset:
+    """RAF-DB basic: ``EmoLabel/list_patition_label.txt`` lines ``train_00001.jpg 5``, split by the name prefix.
+
+    Images come from ``Image/aligned/<name>_aligned.jpg`` (the 100x100 aligned faces) when that
+    folder exists, else from ``Image/original/<name>``.
+    """
+    root = Path(root)
+    classes = tuple(classes)
+    if split not in RAFDB_SPLITS:
+        raise DatasetError(f"unknown RAF-DB split {split!r}; expected {' or '.join(RAFDB_SPLITS)}")
+    list_file = root / RAFDB_LIST
+    if not list_file.is_file():
+        raise DatasetError(f"RAF-DB label list {list_file} does not exist (expected <root>/{RAFDB_LIST.as_posix()})")
+    aligned = (root / "Image" / "aligned").is_dir()
+    if not aligned and not (root / "Image" / "original").is_dir():
+        raise DatasetError(f"no RAF-DB images under {root}: expected {root / 'Image' / 'aligned'} or {root / 'Image' / 'original'}")
+    labeler, codes = _Labeler(classes, skip_classes), LABEL_SCHEMES["rafdb"]
+    entries: list[tuple[str, int]] = []
+    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or fields[1] not in codes or not fields[0].startswith(tuple(f"{s}_" for s in RAFDB_SPLITS)):
+            raise DatasetError(f"{list_file}:{number}: expected '<train_|test_ image name> <label 1-7>', got {line.strip()!r}")
+        name, code = fields
+        if not name.startswith(f"{split}_"):
+            continue
+        label = labeler(codes[code], f"{codes[code]!r} (label {code}) at {list_file}:{number}")
+        if label is None:
+            continue
+        stem, suffix = os.path.splitext(name)
+        rel = f"Image/aligned/{stem}_aligned{suffix}" if aligned else f"Image/original/{name}"
+        if not (root / rel).is_file():
+            raise DatasetError(f"{list_file}:{number}: image {root / rel} does not exist")
+        entries.append((rel, label))
+    if not entries:
+        raise DatasetError(f"{list_file} lists no {split}_* images")
+    return _load_files(root, entries, image_size, classes, use_cache)
+
+
 # --------------------------------------------------------------------------- FER2013 CSV and FER+ labels
 
 # fer2013.csv "emotion" codes (Goodfellow et al. 2013): 0 Angry, 1 Disgust, 2 Fear, 3 Happy, 4 Sad, 5 Surprise, 6 Neutral.
 FER2013_CSV_CODES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 FER2013_USAGES = ("Training", "PublicTest", "PrivateTest")
-# fer2013new.csv (FER+, Barsoum et al. 2016) vote columns, in file order, mapped to our names; None = not one of our classes.
+# fer2013new.csv (FER+, Barsoum et al. 2016) vote columns, in file order, mapped to class names;
+# None = not an expression (the FER+ protocol drops such rows).
 FERPLUS_COLUMNS: tuple[tuple[str, str | None], ...] = (
     ("neutral", "neutral"),
     ("happiness", "happy"),
@@ -177,7 +315,7 @@ FERPLUS_COLUMNS: tuple[tuple[str, str | None], ...] = (
     ("anger", "angry"),
     ("disgust", "disgust"),
     ("fear", "fear"),
-    ("contempt", None),
+    ("contempt", "contempt"),
     ("unknown", None),
     ("NF", None),
 )
@@ -191,10 +329,16 @@ def _select_usage(usage: str | Sequence[str] | None) -> set[str]:
     return wanted
 
 
+def _open_csv(path: Path) -> TextIO:
+    if not path.is_file():
+        raise DatasetError(f"CSV file {path} does not exist")
+    return open(path, newline="")
+
+
 def _read_fer2013_rows(csv_path: Path) -> list[tuple[int, str, np.ndarray]]:
     """(csv code, Usage, 48x48 uint8) per data row of fer2013.csv, in file order."""
     rows: list[tuple[int, str, np.ndarray]] = []
-    with open(csv_path, newline="") as handle:
+    with _open_csv(csv_path) as handle:
         reader = csv.DictReader(handle)
         missing = {"emotion", "pixels", "Usage"} - set(reader.fieldnames or [])
         if missing:
@@ -211,24 +355,47 @@ def _read_fer2013_rows(csv_path: Path) -> list[tuple[int, str, np.ndarray]]:
     return rows
 
 
-def load_fer2013_csv(csv_path: str | Path, usage: str | Sequence[str] | None = "Training") -> ImageDataset:
+def _array_dataset(
+    images: list[np.ndarray], labels: list[int], classes: tuple[str, ...], paths: list[str], image_size: int
+) -> ImageDataset:
+    """An ImageDataset from 48x48 CSV pixel arrays, converted like decoded files when ``image_size`` differs."""
+    if image_size != 48:
+        images = [_gray(Image.fromarray(image), image_size) for image in images]
+    return ImageDataset(np.stack(images), np.array(labels, dtype=np.int64), classes, tuple(paths))
+
+
+def load_fer2013_csv(
+    csv_path: str | Path,
+    usage: str | Sequence[str] | None = "Training",
+    image_size: int = 48,
+    classes: Sequence[str] = FER_CLASSES,
+    skip_classes: Iterable[str] = (),
+) -> ImageDataset:
     """The original ``fer2013.csv`` (``emotion,pixels,Usage``): Training = train, PublicTest = val, PrivateTest = test."""
-    csv_path = Path(csv_path)
+    csv_path, classes = Path(csv_path), tuple(classes)
     wanted = _select_usage(usage)
-    rows = [(i, code, image) for i, (code, use, image) in enumerate(_read_fer2013_rows(csv_path)) if use in wanted]
-    if not rows:
+    labeler = _Labeler(classes, skip_classes)
+    images, labels, paths = [], [], []
+    for i, (code, use, image) in enumerate(_read_fer2013_rows(csv_path)):
+        if use not in wanted:
+            continue
+        label = labeler(FER2013_CSV_CODES[code], f"{FER2013_CSV_CODES[code]!r} (emotion {code}) at {csv_path}:{i + 2}")
+        if label is not None:
+            images.append(image)
+            labels.append(label)
+            paths.append(f"{csv_path.name}:row{i}")
+    if not images:
         raise DatasetError(f"{csv_path} has no rows with Usage in {sorted(wanted)}")
-    images = np.stack([image for _, _, image in rows])
-    labels = np.array([FER_CLASSES.index(FER2013_CSV_CODES[code]) for _, code, _ in rows], dtype=np.int64)
-    return ImageDataset(images, labels, FER_CLASSES, tuple(f"{csv_path.name}:row{i}" for i, _, _ in rows))
+    return _array_dataset(images, labels, classes, paths, image_size)
 
 
 def ferplus_majority_label(votes: Sequence[float]) -> str | None:
     """FER+ "majority" label of one row of 10 vote counts, or None when the image is dropped.
 
     As in the FER+ reference code: single votes are treated as noise and zeroed, then the top
-    emotion must hold more than half of the remaining votes; rows whose majority is contempt,
-    unknown or not-a-face (NF) have no FER2013 class and are dropped.
+    emotion must hold more than half of the remaining votes; rows without such a majority, or
+    whose majority is unknown or not-a-face (NF), are dropped. A contempt majority is returned as
+    ``"contempt"``, which is not a FER2013 class: loaders reject it unless told to skip it.
     """
     if len(votes) != len(FERPLUS_COLUMNS):
         raise ValueError(f"expected {len(FERPLUS_COLUMNS)} vote counts, got {len(votes)}")
@@ -242,12 +409,20 @@ def ferplus_majority_label(votes: Sequence[float]) -> str | None:
     return FERPLUS_COLUMNS[top][1]
 
 
-def load_ferplus(fer2013_csv: str | Path, ferplus_csv: str | Path, usage: str | Sequence[str] | None = "Training") -> ImageDataset:
+def load_ferplus(
+    fer2013_csv: str | Path,
+    ferplus_csv: str | Path,
+    usage: str | Sequence[str] | None = "Training",
+    image_size: int = 48,
+    classes: Sequence[str] = FER_CLASSES,
+    skip_classes: Iterable[str] = (),
+) -> ImageDataset:
     """FER2013 pixels relabelled with FER+ majority votes (``fer2013new.csv``, same row order as fer2013.csv)."""
-    fer2013_csv, ferplus_csv = Path(fer2013_csv), Path(ferplus_csv)
+    fer2013_csv, ferplus_csv, classes = Path(fer2013_csv), Path(ferplus_csv), tuple(classes)
     wanted = _select_usage(usage)
+    labeler = _Labeler(classes, skip_classes)
     pixel_rows = _read_fer2013_rows(fer2013_csv)
-    with open(ferplus_csv, newline="") as handle:
+    with _open_csv(ferplus_csv) as handle:
         reader = csv.reader(handle)
         header = next(reader, [])
         vote_names = [name for name, _ in FERPLUS_COLUMNS]
@@ -263,14 +438,111 @@ def load_ferplus(fer2013_csv: str | Path, ferplus_csv: str | Path, usage: str | 
         if use not in wanted:
             continue
         try:
-            label = ferplus_majority_label([float(v) for v in votes[2 : 2 + len(FERPLUS_COLUMNS)]])
+            name = ferplus_majority_label([float(v) for v in votes[2 : 2 + len(FERPLUS_COLUMNS)]])
         except ValueError as exc:
             raise DatasetError(f"{ferplus_csv}:{i + 2}: unreadable votes: {exc}") from exc
-        if label is None:
-            continue
-        images.append(image)
-        labels.append(FER_CLASSES.index(label))
-        paths.append(f"{ferplus_csv.name}:row{i}")
+        label = None if name is None else labeler(name, f"{name!r} (FER+ majority) at {ferplus_csv}:{i + 2}")
+        if label is not None:
+            images.append(image)
+            labels.append(label)
+            paths.append(f"{ferplus_csv.name}:row{i}")
     if not images:
         raise DatasetError(f"no FER+ majority-labelled rows with Usage in {sorted(wanted)}")
-    return ImageDataset(np.stack(images), np.array(labels, dtype=np.int64), FER_CLASSES, tuple(paths))
+    return _array_dataset(images, labels, classes, paths, image_size)
+
+
+# --------------------------------------------------------------------------- one dataset selection for train and eval
+
+DATA_FORMATS = ("auto", "imagefolder", "fer2013-csv", "ferplus", "rafdb")
+# (train, val) split of the formats whose splits are named inside the data; an ImageFolder's splits
+# are subfolders (`ferstream train --train-dir/--val-dir`, `ferstream eval --data <split folder>`).
+SPLITS: dict[str, tuple[str, str]] = {
+    "fer2013-csv": ("Training", "PublicTest"),
+    "ferplus": ("Training", "PublicTest"),
+    "rafdb": ("train", "test"),
+}
+
+
+def resolve_format(source: str | Path, fmt: str = "auto", ferplus_csv: str | Path | None = None) -> str:
+    """``fmt`` checked, or for ``auto`` detected from ``source``.
+
+    A ``.csv`` file is fer2013.csv (FER+ with ``ferplus_csv``), a folder with ``EmoLabel/`` is RAF-DB
+    basic, anything else an ImageFolder tree.
+    """
+    if fmt not in DATA_FORMATS:
+        raise DatasetError(f"unknown data format {fmt!r}; expected one of {', '.join(DATA_FORMATS)}")
+    if fmt == "auto":
+        source = Path(source).expanduser()
+        if source.suffix.lower() == ".csv":
+            fmt = "ferplus" if ferplus_csv else "fer2013-csv"
+        elif (source / "EmoLabel").is_dir():
+            fmt = "rafdb"
+        else:
+            fmt = "imagefolder"
+    if fmt == "ferplus" and not ferplus_csv:
+        raise DatasetError("--data-format ferplus needs --ferplus-csv (fer2013new.csv) next to the fer2013.csv data")
+    if ferplus_csv and fmt != "ferplus":
+        raise DatasetError(f"--ferplus-csv relabels fer2013.csv rows; it does not apply to --data-format {fmt}")
+    return fmt
+
+
+def load_split(
+    source: str | Path,
+    split: str | None,
+    fmt: str = "auto",
+    image_size: int = 48,
+    classes: Sequence[str] = FER_CLASSES,
+    use_cache: bool = True,
+    ferplus_csv: str | Path | None = None,
+    label_scheme: str = "names",
+    skip_classes: Iterable[str] = (),
+) -> ImageDataset:
+    """One split of a dataset in any supported layout (``fmt``, see :func:`resolve_format`).
+
+    ``split`` is, per format: imagefolder, a subfolder of ``source`` (None: ``source`` itself);
+    fer2013-csv and ferplus, a Usage (Training, PublicTest, PrivateTest); rafdb, train or test.
+    """
+    source = Path(source).expanduser()
+    fmt = resolve_format(source, fmt, ferplus_csv)
+    if label_scheme != "names" and fmt != "imagefolder":
+        raise DatasetError(f"--label-scheme {label_scheme} applies to ImageFolder class folders, not to --data-format {fmt}")
+    if fmt == "imagefolder":
+        root = source / split if split else source
+        return load_image_folder(root, image_size, classes, use_cache, label_scheme=label_scheme, skip_classes=skip_classes)
+    if split is None:
+        raise DatasetError(f"--data-format {fmt} needs a split: one of {', '.join(RAFDB_SPLITS if fmt == 'rafdb' else FER2013_USAGES)}")
+    if fmt == "rafdb":
+        return load_rafdb(source, split, image_size, classes, use_cache, skip_classes)
+    if source.is_dir():
+        raise DatasetError(f"--data-format {fmt} reads fer2013.csv, but {source} is a folder")
+    if fmt == "fer2013-csv":
+        return load_fer2013_csv(source, split, image_size, classes, skip_classes)
+    return load_ferplus(source, Path(ferplus_csv).expanduser(), split, image_size, classes, skip_classes)
+
+
+def _class_list(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dataset-selection options of ``ferstream train`` and ``ferstream eval`` (see :func:`load_split`)."""
+    parser.add_argument(
+        "--data-format",
+        default="auto",
+        choices=DATA_FORMATS,
+        help="auto: a .csv file is fer2013.csv (ferplus with --ferplus-csv), a folder with EmoLabel/ is RAF-DB, else an ImageFolder tree",
+    )
+    parser.add_argument("--ferplus-csv", default=None, help="FER+ fer2013new.csv: relabel the fer2013.csv rows by FER+ majority vote")
+    parser.add_argument(
+        "--label-scheme",
+        default="names",
+        choices=("names", *LABEL_SCHEMES),
+        help="ImageFolder class folders: names (angry/, happiness/...), rafdb digits (1-7) or affectnet digits (0-7)",
+    )
+    parser.add_argument(
+        "--skip-classes",
+        type=_class_list,
+        default=[],
+        metavar="NAMES",
+        help="comma-separated classes outside the model's to leave out (e.g. contempt); without it they are an error",
+    )

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, load_checkpoint, preprocess_crops
-from pipeline.training.data import DatasetError, load_image_folder
+from pipeline.training.data import SPLITS, DatasetError, add_dataset_arguments, load_split, resolve_format
 
 __all__ = ["confusion_matrix", "evaluate", "main", "metrics_from_confusion", "plot_confusion_matrix", "predict_probabilities"]
 
@@ -186,8 +186,15 @@ def _print_human(result: dict[str, Any], label: str) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate an expression checkpoint on an ImageFolder tree (<dir>/<class>/*.jpg)")
-    parser.add_argument("--data", required=True, help="ImageFolder tree, e.g. .../fer2013/val")
+    parser = argparse.ArgumentParser(description="Evaluate an expression checkpoint on a labelled dataset split")
+    parser.add_argument("--data", required=True, help="ImageFolder tree (e.g. .../fer2013/val), fer2013.csv or a RAF-DB root")
+    add_dataset_arguments(parser)
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="ImageFolder: a subfolder of --data (default: --data itself); fer2013.csv/FER+: a Usage (default PublicTest); "
+        "RAF-DB: train or test (default test)",
+    )
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped pipeline/assets/expression_default.pt)")
     parser.add_argument("--tta", action="store_true", help="also report metrics with hflip + 5-crop test-time augmentation")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
@@ -205,15 +212,33 @@ def main(argv: list[str] | None = None) -> int:
     model_path = Path(args.model).expanduser() if args.model else default_checkpoint_path()
     try:
         model, metadata = load_checkpoint(model_path)
-        dataset = load_image_folder(args.data, image_size=metadata.resize_to, classes=metadata.classes, use_cache=not args.no_cache)
+        fmt = resolve_format(args.data, args.data_format, args.ferplus_csv)
+        split = args.split if args.split or fmt == "imagefolder" else SPLITS[fmt][1]
+        dataset = load_split(
+            args.data,
+            split,
+            fmt=fmt,
+            image_size=metadata.resize_to,
+            classes=metadata.classes,
+            use_cache=not args.no_cache,
+            ferplus_csv=args.ferplus_csv,
+            label_scheme=args.label_scheme,
+            skip_classes=args.skip_classes,
+        )
     except (FileNotFoundError, CheckpointError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result: dict[str, Any] = {"model": str(model_path), "model_id": metadata.model_id, "data": str(Path(args.data).expanduser())}
+    result: dict[str, Any] = {
+        "model": str(model_path),
+        "model_id": metadata.model_id,
+        "data": str(Path(args.data).expanduser()),
+        "data_format": fmt,
+        "data_split": split,
+    }
     result.update(evaluate(model, metadata, dataset.images, dataset.labels, tta=args.tta))
     if not args.no_plot:
         plot_path = Path(args.output).expanduser() if args.output else default_plot_path(model_path)
-        title = f"{metadata.model_id} on {Path(args.data).name}: top-1 {result['accuracy']:.1%}"
+        title = f"{metadata.model_id} on {Path(args.data).name}{f' {split}' if split else ''}: top-1 {result['accuracy']:.1%}"
         plot_confusion_matrix(np.array(result["confusion_matrix"]), metadata.classes, plot_path, title)
         result["confusion_matrix_png"] = str(plot_path)
     if args.json:

@@ -40,10 +40,10 @@ from tqdm import tqdm
 
 from pipeline.architectures import ARCHITECTURES, build_model, count_parameters
 from pipeline.checkpoint import ModelMetadata, preprocess_crops, save_checkpoint
-from pipeline.training.data import FER_CLASSES, ImageDataset, load_image_folder
+from pipeline.training.data import FER_CLASSES, SPLITS, DatasetError, ImageDataset, add_dataset_arguments, load_split, resolve_format
 from pipeline.training.evaluate import confusion_matrix, metrics_from_confusion
 
-__all__ = ["TensorAugment", "get_args_parser", "main", "train"]
+__all__ = ["TensorAugment", "data_selection", "get_args_parser", "main", "train"]
 
 CHECKPOINT_STATE_FORMAT = "ferstream-train-state/1"
 METRIC_FIELDS = (
@@ -66,9 +66,20 @@ def default_runs_dir() -> Path:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the ferstream expression classifier", add_help=add_help)
-    parser.add_argument("--data-path", required=True, help="folder with train/ and val/ ImageFolder trees (<split>/<class>/*.jpg)")
+    parser.add_argument(
+        "--data-path",
+        required=True,
+        help="folder with train/ and val/ ImageFolder trees (<split>/<class>/*.jpg), a fer2013.csv or a RAF-DB root (see --data-format)",
+    )
     parser.add_argument("--train-dir", default="train", help="train split folder name under --data-path")
     parser.add_argument("--val-dir", default="val", help="validation split folder name under --data-path")
+    add_dataset_arguments(parser)
+    parser.add_argument(
+        "--val-usage",
+        default="PublicTest",
+        choices=("PublicTest", "PrivateTest"),
+        help="fer2013.csv/FER+ Usage to validate on (train is Training; RAF-DB: train/test)",
+    )
     parser.add_argument("--arch", default="compact", choices=sorted(ARCHITECTURES))
     parser.add_argument("--dropout", type=float, default=None, help="override the architecture's dropout before the classifier")
     parser.add_argument("--name", default=None, help="run name (default: the arch); output goes to ~/.cache/ferstream/runs/<name>")
@@ -350,6 +361,25 @@ def _resolve_resume(args: argparse.Namespace, output_dir: Path) -> Path | None:
     return path
 
 
+def data_selection(args: argparse.Namespace) -> dict[str, str]:
+    """The data format and train/val splits that --data-path, --data-format, --train-dir/--val-dir, --val-usage select."""
+    data_path = Path(args.data_path).expanduser()
+    fmt = resolve_format(data_path, args.data_format, args.ferplus_csv)
+    if fmt == "imagefolder":
+        train_split, val_split = args.train_dir, args.val_dir
+    elif fmt == "rafdb":
+        train_split, val_split = SPLITS[fmt]
+    else:
+        train_split, val_split = SPLITS[fmt][0], args.val_usage
+    val_data = data_path / val_split if fmt == "imagefolder" else data_path
+    return {"data_format": fmt, "train_split": train_split, "val_split": val_split, "val_data": str(val_data)}
+
+
+# Changed between a run and its resume, these get a warning. A state saved before an option existed holds its default.
+RESUME_CHECKED_ARGS = ("arch", "epochs", "seed", "lr", "opt", "lr_scheduler", "batch_size", "input_size")
+RESUME_CHECKED_DATA_ARGS = ("data_format", "ferplus_csv", "label_scheme", "skip_classes", "val_usage")
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -361,6 +391,7 @@ def train(args: argparse.Namespace, train_set: ImageDataset, val_set: ImageDatas
     mean = round(float(train_set.images.mean()) / 255.0, 4)
     std = round(float(train_set.images.std()) / 255.0, 4)
     name = args.name or args.arch
+    selection = data_selection(args)
     base_metadata = ModelMetadata(
         model_id=name,
         arch=args.arch,
@@ -418,12 +449,11 @@ def train(args: argparse.Namespace, train_set: ImageDataset, val_set: ImageDatas
         state = torch.load(resume_path, map_location=device, weights_only=False)
         if state.get("format") != CHECKPOINT_STATE_FORMAT:
             raise ValueError(f"{resume_path} is not a training-state file ({CHECKPOINT_STATE_FORMAT})")
-        for key in ("arch", "epochs", "seed", "lr", "opt", "lr_scheduler", "batch_size", "input_size"):
-            if state["args"].get(key) != getattr(args, key):
-                print(
-                    f"warning: resuming with --{key.replace('_', '-')} {getattr(args, key)!r}, the run used {state['args'].get(key)!r}",
-                    flush=True,
-                )
+        defaults = get_args_parser()
+        for key in RESUME_CHECKED_ARGS + RESUME_CHECKED_DATA_ARGS:
+            recorded = state["args"].get(key, defaults.get_default(key))
+            if recorded != getattr(args, key):
+                print(f"warning: resuming with --{key.replace('_', '-')} {getattr(args, key)!r}, the run used {recorded!r}", flush=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -531,7 +561,9 @@ def train(args: argparse.Namespace, train_set: ImageDataset, val_set: ImageDatas
                 "selected_by": f"val {args.select_metric}",
                 # Same key names as `ferstream eval` output, measured on the split named by "split".
                 "split": "val",
-                "data": str(Path(args.data_path).expanduser() / args.val_dir),
+                "data": selection["val_data"],
+                "data_format": selection["data_format"],
+                "data_split": selection["val_split"],
                 "accuracy": val_metrics["accuracy"],
                 "macro_f1": val_metrics["macro"]["f1"],
                 "loss": val_loss,
@@ -612,16 +644,35 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     name = args.name or args.arch
     output_dir = Path(args.output_dir).expanduser() if args.output_dir else default_runs_dir() / name
     output_dir.mkdir(parents=True, exist_ok=True)
-    data_path = Path(args.data_path).expanduser()
     started = time.perf_counter()
-    train_set = load_image_folder(data_path / args.train_dir, image_size=args.resize_to, use_cache=not args.no_cache)
-    val_set = load_image_folder(data_path / args.val_dir, image_size=args.resize_to, use_cache=not args.no_cache)
+    try:
+        selection = data_selection(args)
+        train_set, val_set = (
+            load_split(
+                args.data_path,
+                selection[split],
+                fmt=selection["data_format"],
+                image_size=args.resize_to,
+                use_cache=not args.no_cache,
+                ferplus_csv=args.ferplus_csv,
+                label_scheme=args.label_scheme,
+                skip_classes=args.skip_classes,
+            )
+            for split in ("train_split", "val_split")
+        )
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if train_set.classes != FER_CLASSES:
         print(f"note: training on classes {train_set.classes}", flush=True)
     counts = dict(zip(train_set.classes, train_set.class_counts().tolist(), strict=True))
-    print(f"loaded data in {time.perf_counter() - started:.1f}s: train class counts {counts}", flush=True)
+    print(
+        f"loaded {selection['data_format']} data in {time.perf_counter() - started:.1f}s: "
+        f"train {selection['train_split']} class counts {counts}, val {selection['val_split']} n={len(val_set)}",
+        flush=True,
+    )
     (output_dir / "args.json").write_text(
-        json.dumps({**vars(args), "argv": sys.argv if argv is None else argv}, indent=2, default=str) + "\n"
+        json.dumps({**vars(args), "data_selection": selection, "argv": sys.argv if argv is None else argv}, indent=2, default=str) + "\n"
     )
     train(args, train_set, val_set, output_dir)
     return 0

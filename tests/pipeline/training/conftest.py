@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.training.data import FER_CLASSES
+from pipeline.training.data import FER2013_CSV_CODES, FER_CLASSES
 
 
 def class_image(label: int, rng: np.random.Generator, size: int = 48) -> np.ndarray:
@@ -25,6 +25,28 @@ def write_dataset(root: Path, per_class: int, seed: int = 0, folder_names: dict[
         for i in range(per_class):
             Image.fromarray(class_image(label, rng)).save(folder / f"{i:03d}{suffix}")
     return root
+
+
+def write_fer2013_csv(path: Path, rows: list[tuple[int, str, int | np.ndarray]]) -> Path:
+    """A fer2013.csv from rows of (emotion code, Usage, constant pixel value or 48x48 uint8 image)."""
+    lines = ["emotion,pixels,Usage"]
+    for code, usage, pixels in rows:
+        image = np.full((48, 48), pixels, np.uint8) if isinstance(pixels, int) else pixels
+        lines.append(f"{code},{' '.join(map(str, image.ravel().tolist()))},{usage}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def pattern_csv(path: Path, per_usage: dict[str, int], seed: int = 0) -> Path:
+    """fer2013.csv with ``per_usage[usage]`` learnable images per class and Usage (codes in CSV order)."""
+    rng = np.random.default_rng(seed)
+    rows = [
+        (code, usage, class_image(FER_CLASSES.index(name), rng))
+        for usage, count in per_usage.items()
+        for code, name in enumerate(FER2013_CSV_CODES)
+        for _ in range(count)
+    ]
+    return write_fer2013_csv(path, rows)
 
 
 @pytest.fixture(autouse=True)

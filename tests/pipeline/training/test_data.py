@@ -1,3 +1,4 @@
+import argparse
 import os
 from pathlib import Path
 
@@ -7,15 +8,20 @@ from PIL import Image
 
 from pipeline.training.data import (
     FER_CLASSES,
+    LABEL_SCHEMES,
     DatasetError,
+    add_dataset_arguments,
     cache_dir,
     canonical_class,
     ferplus_majority_label,
     load_fer2013_csv,
     load_ferplus,
     load_image_folder,
+    load_rafdb,
+    load_split,
+    resolve_format,
 )
-from tests.pipeline.training.conftest import write_dataset
+from tests.pipeline.training.conftest import class_image, pattern_csv, write_dataset, write_fer2013_csv
 
 
 def test_loads_tree_in_canonical_order(tmp_path):
@@ -103,13 +109,6 @@ def test_cache_is_used_and_invalidated_by_mtime(tmp_path):
     assert len(list(cache_dir().glob("*.npz"))) == 2
 
 
-def write_fer2013_csv(path: Path, rows: list[tuple[int, str, int]]) -> Path:
-    """rows of (emotion code, Usage, constant pixel value)."""
-    lines = ["emotion,pixels,Usage"] + [f"{code},{' '.join([str(value)] * 2304)},{usage}" for code, usage, value in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_fer2013_csv_maps_codes_to_canonical_order(tmp_path):
     # codes: 4 = Sad, 6 = Neutral in the CSV; our order is alphabetical.
     csv_path = write_fer2013_csv(
@@ -141,7 +140,7 @@ def test_fer2013_csv_bad_rows_are_located(tmp_path):
         ([0, 8, 1, 0, 0, 0, 0, 0, 1, 0], "happy"),  # single votes are noise
         ([4, 0, 0, 4, 0, 0, 0, 0, 0, 2], None),  # no majority
         ([6, 4, 0, 0, 0, 0, 0, 0, 0, 0], "neutral"),
-        ([0, 0, 0, 0, 0, 0, 0, 9, 1, 0], None),  # contempt has no FER2013 class
+        ([0, 0, 0, 0, 0, 0, 0, 9, 1, 0], "contempt"),  # not a FER2013 class: loaders reject or skip it
         ([0, 0, 0, 0, 0, 0, 0, 0, 0, 10], None),  # not a face
         ([0, 0, 0, 0, 3, 0, 0, 0, 0, 0], "angry"),
         ([1, 1, 1, 1, 1, 1, 1, 1, 1, 1], None),
@@ -164,3 +163,195 @@ def test_ferplus_relabels_aligned_rows(tmp_path):
     plus.write_text("\n".join([header, *votes]) + "\n")
     with pytest.raises(DatasetError, match="align"):
         load_ferplus(fer, plus)
+
+
+def test_ferplus_contempt_majority_needs_an_explicit_skip(tmp_path):
+    fer = write_fer2013_csv(tmp_path / "fer2013.csv", [(0, "Training", 1), (3, "Training", 2)])
+    header = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF"
+    plus = tmp_path / "fer2013new.csv"
+    plus.write_text(f"{header}\nTraining,a.png,0,9,0,0,0,0,0,1,0,0\nTraining,b.png,2,0,0,0,0,0,0,8,0,0\n")
+    with pytest.raises(DatasetError, match=r"unknown class 'contempt' \(FER\+ majority\) at .*fer2013new.csv:3.*--skip-classes contempt"):
+        load_ferplus(fer, plus)
+    data = load_ferplus(fer, plus, skip_classes=("contempt",))
+    assert [FER_CLASSES[i] for i in data.labels] == ["happy"] and data.paths == ("fer2013new.csv:row0",)
+
+
+def test_csv_rows_are_resized_like_image_files(tmp_path):
+    csv_path = pattern_csv(tmp_path / "fer2013.csv", {"Training": 1})
+    small = load_fer2013_csv(csv_path, image_size=32)
+    assert small.images.shape == (7, 32, 32)
+    first = load_fer2013_csv(csv_path).images[0]
+    expected = np.asarray(Image.fromarray(first).resize((32, 32), Image.BILINEAR))
+    np.testing.assert_array_equal(small.images[0], expected)
+
+
+# --------------------------------------------------------------------------- digit folders (Kaggle RAF-DB / AffectNet exports)
+
+
+def scheme_folders(scheme: str) -> dict[str, str]:
+    """Canonical class name -> that scheme's digit folder."""
+    return {name: code for code, name in LABEL_SCHEMES[scheme].items() if name in FER_CLASSES}
+
+
+def test_rafdb_digit_folders_map_to_canonical_order(tmp_path):
+    root = write_dataset(tmp_path / "train", per_class=2, folder_names=scheme_folders("rafdb"))
+    assert sorted(p.name for p in root.iterdir()) == ["1", "2", "3", "4", "5", "6", "7"]
+    data = load_image_folder(root, label_scheme="rafdb", use_cache=False)
+    assert data.classes == FER_CLASSES and data.class_counts().tolist() == [2] * 7
+    by_folder = {path.split("/")[0]: FER_CLASSES[label] for path, label in zip(data.paths, data.labels, strict=True)}
+    assert by_folder == {"1": "surprise", "2": "fear", "3": "disgust", "4": "happy", "5": "sad", "6": "angry", "7": "neutral"}
+    # The pixels of "1/000.png" are the surprise pattern written by write_dataset.
+    np.testing.assert_array_equal(data.images[data.paths.index("1/000.png")], np.asarray(Image.open(root / "1" / "000.png")))
+
+
+def test_affectnet_contempt_folder_is_an_error_unless_skipped(tmp_path):
+    root = write_dataset(tmp_path / "train", per_class=1, folder_names=scheme_folders("affectnet"))
+    (root / "7").mkdir()
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(root / "7" / "c.png")
+    with pytest.raises(DatasetError, match=r"unknown class folder '7' \(contempt\) in .*--skip-classes contempt"):
+        load_image_folder(root, label_scheme="affectnet", use_cache=False)
+    data = load_image_folder(root, label_scheme="affectnet", skip_classes=("contempt",), use_cache=False)
+    assert len(data) == 7 and not any(path.startswith("7/") for path in data.paths)
+    by_folder = {path.split("/")[0]: FER_CLASSES[label] for path, label in zip(data.paths, data.labels, strict=True)}
+    assert by_folder == {"0": "neutral", "1": "happy", "2": "sad", "3": "surprise", "4": "fear", "5": "disgust", "6": "angry"}
+
+
+def test_named_contempt_folder_can_be_skipped(tmp_path):
+    root = write_dataset(tmp_path / "d", per_class=1)
+    (root / "Contempt").mkdir()
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(root / "Contempt" / "c.png")
+    data = load_image_folder(root, skip_classes=["contempt"], use_cache=False)
+    assert len(data) == 7 and data.classes == FER_CLASSES
+
+
+def test_digit_folders_without_a_scheme_name_the_folder_and_the_schemes(tmp_path):
+    root = write_dataset(tmp_path / "train", per_class=1, folder_names=scheme_folders("rafdb"))
+    with pytest.raises(DatasetError, match=r"class folder '1' in .*train is a number.*--label-scheme rafdb.*--label-scheme affectnet"):
+        load_image_folder(root, use_cache=False)
+    named = write_dataset(tmp_path / "named", per_class=1)
+    with pytest.raises(DatasetError, match=r"class folder 'angry' in .*named is not a rafdb label; expected folders 1, 2"):
+        load_image_folder(named, label_scheme="rafdb", use_cache=False)
+    with pytest.raises(DatasetError, match="unknown label scheme 'ck'"):
+        load_image_folder(named, label_scheme="ck", use_cache=False)
+
+
+# --------------------------------------------------------------------------- RAF-DB basic release
+
+
+# RAF-DB's basic label codes, as its README lists them (independent of LABEL_SCHEMES on purpose).
+RAFDB_CODES = {"surprise": "1", "fear": "2", "disgust": "3", "happy": "4", "sad": "5", "angry": "6", "neutral": "7"}
+
+
+def write_rafdb(root: Path, items: list[tuple[str, str]], aligned: bool = True) -> Path:
+    """RAF-DB basic layout: EmoLabel/list_patition_label.txt + 100x100 RGB faces, items = (image name, class)."""
+    rng = np.random.default_rng(0)
+    images = root / "Image" / ("aligned" if aligned else "original")
+    images.mkdir(parents=True)
+    (root / "EmoLabel").mkdir()
+    for name, cls in items:
+        file = f"{Path(name).stem}_aligned.jpg" if aligned else name
+        face = Image.fromarray(class_image(FER_CLASSES.index(cls), rng, size=100)).convert("RGB")
+        face.save(images / file)
+    (root / "EmoLabel" / "list_patition_label.txt").write_text("".join(f"{name} {RAFDB_CODES[cls]}\n" for name, cls in items))
+    return root
+
+
+RAFDB_ITEMS = [
+    ("train_00001.jpg", "surprise"),
+    ("train_00002.jpg", "neutral"),
+    ("train_00003.jpg", "happy"),
+    ("test_0001.jpg", "angry"),
+    ("test_0002.jpg", "fear"),
+]
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_rafdb_basic_layout(tmp_path, aligned):
+    root = write_rafdb(tmp_path / "basic", RAFDB_ITEMS, aligned=aligned)
+    train = load_rafdb(root, "train")
+    assert [FER_CLASSES[i] for i in train.labels] == ["surprise", "neutral", "happy"]
+    assert train.images.shape == (3, 48, 48) and train.images.dtype == np.uint8
+    folder, file = ("aligned", "train_00002_aligned.jpg") if aligned else ("original", "train_00002.jpg")
+    assert train.paths[1] == f"Image/{folder}/{file}"
+    expected = np.asarray(Image.open(root / train.paths[1]).convert("L").resize((48, 48), Image.BILINEAR))
+    np.testing.assert_array_equal(train.images[1], expected)
+    test = load_rafdb(root, "test", image_size=40)
+    assert [FER_CLASSES[i] for i in test.labels] == ["angry", "fear"] and test.images.shape == (2, 40, 40)
+
+
+def test_rafdb_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(DatasetError, match=r"EmoLabel/list_patition_label.txt does not exist"):
+        load_rafdb(tmp_path, "train")
+    root = write_rafdb(tmp_path / "basic", RAFDB_ITEMS)
+    with pytest.raises(DatasetError, match="unknown RAF-DB split 'val'"):
+        load_rafdb(root, "val")
+    (root / "Image" / "aligned" / "train_00002_aligned.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"list_patition_label.txt:2: image .*train_00002_aligned.jpg does not exist"):
+        load_rafdb(root, "train", use_cache=False)
+    assert len(load_rafdb(root, "test", use_cache=False)) == 2  # the other split is unaffected
+    list_file = root / "EmoLabel" / "list_patition_label.txt"
+    list_file.write_text("test_0001.jpg 6\ntest_0002.jpg 8\n")
+    with pytest.raises(DatasetError, match=r"list_patition_label.txt:2: expected .* got 'test_0002.jpg 8'"):
+        load_rafdb(root, "test")
+    list_file.write_text("test_0001.jpg 6\n\nval_0001.jpg 1\n")
+    with pytest.raises(DatasetError, match=r"list_patition_label.txt:3: "):
+        load_rafdb(root, "test")
+    (root / "Image" / "aligned" / "test_0001_aligned.jpg").write_bytes(b"not a jpeg")
+    list_file.write_text("test_0001.jpg 6\n")
+    with pytest.raises(DatasetError, match=r"cannot decode image .*test_0001_aligned.jpg"):
+        load_rafdb(root, "test", use_cache=False)
+
+
+# --------------------------------------------------------------------------- one selection for train and eval
+
+
+def test_auto_format_detection(tmp_path):
+    csv_path = pattern_csv(tmp_path / "fer2013.csv", {"Training": 1})
+    rafdb = write_rafdb(tmp_path / "basic", RAFDB_ITEMS)
+    folder = write_dataset(tmp_path / "fer", per_class=1)
+    assert resolve_format(csv_path) == "fer2013-csv"
+    assert resolve_format(csv_path, ferplus_csv=tmp_path / "fer2013new.csv") == "ferplus"
+    assert resolve_format(rafdb) == "rafdb"
+    assert resolve_format(folder) == "imagefolder"
+    assert resolve_format(tmp_path / "missing") == "imagefolder"  # and load_image_folder then says it does not exist
+    assert resolve_format(rafdb, "imagefolder") == "imagefolder"
+    with pytest.raises(DatasetError, match="--data-format ferplus needs --ferplus-csv"):
+        resolve_format(csv_path, "ferplus")
+    with pytest.raises(DatasetError, match="does not apply to --data-format imagefolder"):
+        resolve_format(folder, ferplus_csv=tmp_path / "fer2013new.csv")
+    with pytest.raises(DatasetError, match="unknown data format 'parquet'"):
+        resolve_format(folder, "parquet")
+
+
+def test_load_split_reads_every_layout(tmp_path):
+    csv_path = pattern_csv(tmp_path / "fer2013.csv", {"Training": 3, "PublicTest": 2, "PrivateTest": 1})
+    assert len(load_split(csv_path, "PublicTest")) == 14
+    assert len(load_split(csv_path, "PrivateTest", fmt="fer2013-csv")) == 7
+    header = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF"
+    usages = ["Training"] * 21 + ["PublicTest"] * 14 + ["PrivateTest"] * 7
+    plus = tmp_path / "fer2013new.csv"
+    plus.write_text("\n".join([header, *(f"{u},x.png,0,10,0,0,0,0,0,0,0,0" for u in usages)]) + "\n")
+    relabelled = load_split(csv_path, "PublicTest", ferplus_csv=plus)
+    assert len(relabelled) == 14 and set(relabelled.labels.tolist()) == {FER_CLASSES.index("happy")}
+    rafdb = write_rafdb(tmp_path / "basic", RAFDB_ITEMS)
+    assert len(load_split(rafdb, "test")) == 2
+    folder = write_dataset(tmp_path / "fer" / "val", per_class=1, folder_names=scheme_folders("affectnet"))
+    assert len(load_split(tmp_path / "fer", "val", label_scheme="affectnet")) == 7
+    assert len(load_split(folder, None, label_scheme="affectnet")) == 7
+    with pytest.raises(DatasetError, match="needs a split: one of Training, PublicTest, PrivateTest"):
+        load_split(csv_path, None)
+    with pytest.raises(DatasetError, match="--label-scheme affectnet applies to ImageFolder"):
+        load_split(csv_path, "Training", label_scheme="affectnet")
+    with pytest.raises(DatasetError, match="reads fer2013.csv, but .* is a folder"):
+        load_split(folder, "Training", fmt="fer2013-csv")
+    with pytest.raises(DatasetError, match="CSV file .*nope.csv does not exist"):
+        load_split(tmp_path / "nope.csv", "Training")
+
+
+def test_cli_dataset_options():
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.data_format, args.ferplus_csv, args.label_scheme, args.skip_classes) == ("auto", None, "names", [])
+    args = parser.parse_args(["--data-format", "rafdb", "--label-scheme", "affectnet", "--skip-classes", "contempt, unknown"])
+    assert args.skip_classes == ["contempt", "unknown"]

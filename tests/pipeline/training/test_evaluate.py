@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import cli
 from pipeline.architectures import build_model
 from pipeline.checkpoint import ModelMetadata, default_checkpoint_path, load_checkpoint, save_checkpoint
 from pipeline.training.data import FER_CLASSES, load_image_folder
 from pipeline.training.evaluate import confusion_matrix, evaluate, main, metrics_from_confusion
+from tests.pipeline.training.conftest import pattern_csv
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 KEYS = {"n", "classes", "accuracy", "top5_accuracy", "per_class", "macro", "weighted", "confusion_matrix"}
@@ -86,6 +88,21 @@ def test_eval_cli_prints_one_json_object_and_a_png(tiny_data, tiny_checkpoint, t
 def test_eval_cli_errors(tmp_path, tiny_data, capsys):
     assert main(["--data", str(tiny_data / "val"), "--model", str(tmp_path / "missing.pt"), "--no-plot"]) == 2
     assert "missing.pt" in capsys.readouterr().err
+
+
+def test_ferstream_eval_on_fer2013_csv_splits(tmp_path, tiny_checkpoint, capsys):
+    csv_path = pattern_csv(tmp_path / "fer2013.csv", {"Training": 2, "PublicTest": 3, "PrivateTest": 1})
+    common = ["--model", str(tiny_checkpoint), "--json", "--no-plot"]
+    assert cli.main(["eval", "--data", str(csv_path), "--data-format", "fer2013-csv", *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 21 and (result["data_format"], result["data_split"]) == ("fer2013-csv", "PublicTest")
+    assert result["per_class"]["happy"]["support"] == 3
+    assert cli.main(["eval", "--data", str(csv_path), "--split", "PrivateTest", *common]) == 0  # auto-detected CSV
+    assert json.loads(capsys.readouterr().out)["n"] == 7
+    assert cli.main(["eval", "--data", str(csv_path), "--data-format", "ferplus", *common]) == 2
+    assert "--ferplus-csv" in capsys.readouterr().err
+    assert cli.main(["eval", "--data", str(csv_path), "--split", "Validation", *common]) == 2
+    assert "unknown Usage ['Validation']" in capsys.readouterr().err
 
 
 @pytest.mark.shared

@@ -7,6 +7,7 @@ import torch
 
 from pipeline.checkpoint import ModelMetadata, load_checkpoint, preprocess_crops
 from pipeline.training.train import TensorAugment, main, mix_batch
+from tests.pipeline.training.conftest import pattern_csv
 
 FAST = ["--arch", "tiny", "--batch-size", "16", "--threads", "1", "--no-progress", "--lr-warmup-epochs", "0"]
 
@@ -70,6 +71,7 @@ def test_two_epoch_smoke_run_learns_and_writes_artifacts(tiny_data, tmp_path):
     model, meta = load_checkpoint(out / "best.pt")
     best = max(rows, key=lambda r: r["val_accuracy"])
     assert meta.metrics["accuracy"] == best["val_accuracy"] and meta.metrics["split"] == "val"
+    assert (meta.metrics["data"], meta.metrics["data_format"], meta.metrics["data_split"]) == (str(tiny_data / "val"), "imagefolder", "val")
     assert meta.input_size == 44 and meta.resize_to == 48 and meta.arch == "tiny"
     assert sum(meta.metrics["per_class_recall"].values()) > 0
 
@@ -114,3 +116,22 @@ def test_early_stopping(tiny_data, tmp_path):
 def test_recipe_options_run(tiny_data, tmp_path, options):
     assert run(tiny_data, tmp_path / "run", "--epochs", "1", "--memory-format", "contiguous", *options) == 0
     assert len(history(tmp_path / "run")) == 1
+
+
+def test_trains_on_fer2013_csv_and_records_the_selection(tmp_path, capsys):
+    csv_path = pattern_csv(tmp_path / "fer2013.csv", {"Training": 3, "PublicTest": 2, "PrivateTest": 1})
+    out = tmp_path / "run"
+    assert run(csv_path, out, "--epochs", "1", "--val-usage", "PrivateTest") == 0
+    recorded = json.loads((out / "args.json").read_text())
+    assert (recorded["data_format"], recorded["val_usage"], recorded["skip_classes"]) == ("auto", "PrivateTest", [])
+    assert recorded["data_selection"] == {
+        "data_format": "fer2013-csv",
+        "train_split": "Training",
+        "val_split": "PrivateTest",
+        "val_data": str(csv_path),
+    }
+    _, meta = load_checkpoint(out / "best.pt")
+    assert (meta.metrics["train_n"], meta.metrics["n"], meta.metrics["data_split"]) == (21, 7, "PrivateTest")
+    capsys.readouterr()
+    assert run(tmp_path / "run", tmp_path / "bad", "--data-format", "rafdb") == 2
+    assert "list_patition_label.txt does not exist" in capsys.readouterr().err
