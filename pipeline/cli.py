@@ -1,4 +1,4 @@
-"""The ``ferstream`` command: run the pipeline, tail events, train, evaluate and export models."""
+"""The ``ferstream`` command: run the pipeline, tail events, train, evaluate, export and calibrate models."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 def _delegate(module: str, argv: Sequence[str]) -> int:
-    """Training, evaluation and export keep their own flat argparse (torchvision-references style)."""
+    """Training, evaluation, export and margin calibration keep their own flat argparse (torchvision-references style)."""
     import importlib
 
     return int(importlib.import_module(module).main(list(argv)))
@@ -83,6 +83,7 @@ DELEGATED = {
     "train": "pipeline.training.train",
     "eval": "pipeline.training.evaluate",
     "export": "pipeline.training.export",
+    "calibrate-margin": "pipeline.training.calibrate_margin",
 }
 
 
