@@ -84,6 +84,7 @@ DELEGATED = {
     "eval": "pipeline.training.evaluate",
     "export": "pipeline.training.export",
     "calibrate-margin": "pipeline.training.calibrate_margin",
+    "adjust-logits": "pipeline.training.logit_adjust",
 }
 
 

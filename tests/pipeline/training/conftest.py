@@ -4,8 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from pipeline.architectures import build_model
+from pipeline.checkpoint import ModelMetadata, save_checkpoint
 from pipeline.training.data import FER2013_CSV_CODES, FER_CLASSES
 
 
@@ -61,3 +64,13 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_dataset(root / "train", per_class=12, seed=1)
     write_dataset(root / "val", per_class=4, seed=2, suffix=".jpg")
     return root
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """An untrained ``tiny`` checkpoint with FER2013's classes and preprocessing."""
+    torch.manual_seed(0)
+    meta = ModelMetadata("tiny-test", "tiny", {}, FER_CLASSES, 44, 48, True, (0.5,), (0.3,), 0.1, {})
+    path = tmp_path / "model" / "tiny.pt"
+    save_checkpoint(path, build_model("tiny", 7), meta)
+    return path

@@ -3,11 +3,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline import cli
-from pipeline.architectures import build_model
-from pipeline.checkpoint import ModelMetadata, default_checkpoint_path, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import default_checkpoint_path, load_checkpoint
 from pipeline.detection import FaceDetection
 from pipeline.training import calibrate_margin
 from pipeline.training.calibrate_margin import (
@@ -19,7 +17,6 @@ from pipeline.training.calibrate_margin import (
     main,
     parse_margins,
 )
-from pipeline.training.data import FER_CLASSES
 from tests.pipeline.conftest import make_metadata
 
 PAD, UPSCALE = 4, 3
@@ -162,15 +159,6 @@ def test_cli_reports_missing_inputs(tmp_path, tiny_data, capsys):
     config.write_text("detector: {kind: mtcnn, min_face_size: 2}\n")
     assert main(["--data", str(tiny_data / "val"), "--config", str(config)]) == 2
     assert "detector.min_face_size" in capsys.readouterr().err
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    meta = ModelMetadata("tiny-test", "tiny", {}, FER_CLASSES, 44, 48, True, (0.5,), (0.3,), 0.1, {})
-    path = tmp_path / "model" / "tiny.pt"
-    save_checkpoint(path, build_model("tiny", 7), meta)
-    return path
 
 
 class WholeImageDetector:

@@ -4,11 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline import cli
-from pipeline.architectures import build_model
-from pipeline.checkpoint import ModelMetadata, default_checkpoint_path, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import default_checkpoint_path, load_checkpoint
 from pipeline.training.data import FER_CLASSES, load_image_folder
 from pipeline.training.evaluate import confusion_matrix, evaluate, main, metrics_from_confusion
 from tests.pipeline.training.conftest import pattern_csv
@@ -49,15 +47,6 @@ def test_confusion_matrix_counts_rows_true_cols_predicted():
     assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
     with pytest.raises(ValueError):
         confusion_matrix([0, 1], [0], 2)
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path) -> Path:
-    torch.manual_seed(0)
-    meta = ModelMetadata("tiny-test", "tiny", {}, FER_CLASSES, 44, 48, True, (0.5,), (0.3,), 0.1, {})
-    path = tmp_path / "model" / "tiny.pt"
-    save_checkpoint(path, build_model("tiny", 7), meta)
-    return path
 
 
 def test_evaluate_reports_plain_and_tta_separately(tiny_data, tiny_checkpoint):
