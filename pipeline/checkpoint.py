@@ -74,9 +74,8 @@ class ModelMetadata:
     def __post_init__(self) -> None:
         if self.input_size > self.resize_to:
             raise ValueError(f"input_size {self.input_size} is larger than resize_to {self.resize_to}")
-        channels = 1 if self.grayscale else 3
-        if len(self.mean) != channels or len(self.std) != channels:
-            raise ValueError(f"mean/std need {channels} value(s) for grayscale={self.grayscale}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean/std need {self.channels} value(s) for grayscale={self.grayscale}")
 
     @property
     def channels(self) -> int:

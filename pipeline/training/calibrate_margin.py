@@ -39,7 +39,7 @@ from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoi
 from pipeline.classification import crop_faces
 from pipeline.config import ConfigError, DetectorConfig, load_config
 from pipeline.detection import FaceDetection, FaceDetector, build_detector, detect_frames
-from pipeline.training.data import SPLITS, DatasetError, add_dataset_arguments, load_split, resolve_format
+from pipeline.training.data import DatasetError, add_dataset_arguments, load_split_from_args
 from pipeline.training.evaluate import predict_probabilities
 
 __all__ = [
@@ -82,24 +82,19 @@ def parse_margins(text: str) -> tuple[float, ...]:
     return tuple(sorted(values))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
+    return parse
 
 
 def detection_frame(image: np.ndarray, pad: int, upscale: int) -> np.ndarray:
@@ -227,15 +222,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MARGINS,
         help="comma-separated face_margin values to score, each above -0.5 (default 0,0.05,0.1,0.15,0.2,0.3)",
     )
-    parser.add_argument("--upscale", type=_positive_int, default=DEFAULT_UPSCALE, help="integer upscale of the padded image (default 3)")
+    parser.add_argument("--upscale", type=_int_at_least(1), default=DEFAULT_UPSCALE, help="integer upscale of the padded image (default 3)")
     parser.add_argument(
         "--pad",
-        type=_non_negative_int,
+        type=_int_at_least(0),
         default=DEFAULT_PAD,
         help=f"replicate-border pixels per side before upscaling (default {DEFAULT_PAD})",
     )
-    parser.add_argument("--limit", type=_positive_int, default=None, help="use this many images, evenly spaced over the split")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per detector batch and classifier batch (default 64)")
+    parser.add_argument("--limit", type=_int_at_least(1), default=None, help="use this many images, evenly spaced over the split")
+    parser.add_argument(
+        "--batch-size", type=_int_at_least(1), default=64, help="images per detector batch and classifier batch (default 64)"
+    )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     parser.add_argument("--no-cache", action="store_true", help="do not use the decoded-array cache")
@@ -268,23 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         detector_config = load_config(args.config).detector if args.config else DetectorConfig()
         model, metadata = load_checkpoint(model_path)
-        fmt = resolve_format(args.data, args.data_format, args.ferplus_csv)
-        split = args.split if args.split or fmt == "imagefolder" else SPLITS[fmt][1]
-        dataset = load_split(
-            args.data,
-            split,
-            fmt=fmt,
-            image_size=metadata.resize_to,
-            classes=metadata.classes,
-            use_cache=not args.no_cache,
-            ferplus_csv=args.ferplus_csv,
-            label_scheme=args.label_scheme,
-            skip_classes=args.skip_classes,
-        )
+        loaded = load_split_from_args(args, args.data, args.split, metadata.resize_to, metadata.classes)
         detector = build_detector(detector_config)
     except (FileNotFoundError, CheckpointError, DatasetError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    dataset = loaded.dataset
     indices = evenly_spaced(len(dataset), args.limit)
 
     def predict(crops: list[np.ndarray]) -> np.ndarray:
@@ -295,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         "model_id": metadata.model_id,
         "checkpoint_face_margin": metadata.face_margin,
         "data": str(Path(args.data).expanduser()),
-        "data_format": fmt,
-        "data_split": split,
+        "data_format": loaded.data_format,
+        "data_split": loaded.split,
         "limit": args.limit,
         "margins": list(args.margins),
         "pad": args.pad,

@@ -17,7 +17,7 @@ import argparse
 import csv
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -41,7 +41,9 @@ __all__ = [
     "load_ferplus",
     "load_image_folder",
     "load_rafdb",
+    "LoadedSplit",
     "load_split",
+    "load_split_from_args",
     "resolve_format",
 ]
 
@@ -356,12 +358,21 @@ def _read_fer2013_rows(csv_path: Path) -> list[tuple[int, str, np.ndarray]]:
 
 
 def _array_dataset(
-    images: list[np.ndarray], labels: list[int], classes: tuple[str, ...], paths: list[str], image_size: int
+    rows: Iterable[tuple[str | None, str, np.ndarray, str]], labeler: _Labeler, image_size: int, nothing_left: str
 ) -> ImageDataset:
-    """An ImageDataset from 48x48 CSV pixel arrays, converted like decoded files when ``image_size`` differs."""
-    if image_size != 48:
-        images = [_gray(Image.fromarray(image), image_size) for image in images]
-    return ImageDataset(np.stack(images), np.array(labels, dtype=np.int64), classes, tuple(paths))
+    """An ImageDataset from CSV rows of (class name or None to drop, where it was found, 48x48 pixels,
+    path), labelled by ``labeler`` and converted like decoded files when ``image_size`` differs;
+    ``nothing_left`` is the error when no row remains."""
+    images, labels, paths = [], [], []
+    for name, where, image, path in rows:
+        label = None if name is None else labeler(name, where)
+        if label is not None:
+            images.append(image if image_size == 48 else _gray(Image.fromarray(image), image_size))
+            labels.append(label)
+            paths.append(path)
+    if not images:
+        raise DatasetError(nothing_left)
+    return ImageDataset(np.stack(images), np.array(labels, dtype=np.int64), labeler.classes, tuple(paths))
 
 
 def load_fer2013_csv(
@@ -374,19 +385,12 @@ def load_fer2013_csv(
     """The original ``fer2013.csv`` (``emotion,pixels,Usage``): Training = train, PublicTest = val, PrivateTest = test."""
     csv_path, classes = Path(csv_path), tuple(classes)
     wanted = _select_usage(usage)
-    labeler = _Labeler(classes, skip_classes)
-    images, labels, paths = [], [], []
-    for i, (code, use, image) in enumerate(_read_fer2013_rows(csv_path)):
-        if use not in wanted:
-            continue
-        label = labeler(FER2013_CSV_CODES[code], f"{FER2013_CSV_CODES[code]!r} (emotion {code}) at {csv_path}:{i + 2}")
-        if label is not None:
-            images.append(image)
-            labels.append(label)
-            paths.append(f"{csv_path.name}:row{i}")
-    if not images:
-        raise DatasetError(f"{csv_path} has no rows with Usage in {sorted(wanted)}")
-    return _array_dataset(images, labels, classes, paths, image_size)
+    rows = (
+        (FER2013_CSV_CODES[code], f"{FER2013_CSV_CODES[code]!r} (emotion {code}) at {csv_path}:{i + 2}", image, f"{csv_path.name}:row{i}")
+        for i, (code, use, image) in enumerate(_read_fer2013_rows(csv_path))
+        if use in wanted
+    )
+    return _array_dataset(rows, _Labeler(classes, skip_classes), image_size, f"{csv_path} has no rows with Usage in {sorted(wanted)}")
 
 
 def ferplus_majority_label(votes: Sequence[float]) -> str | None:
@@ -431,24 +435,20 @@ def load_ferplus(
         vote_rows = list(reader)
     if len(vote_rows) != len(pixel_rows):
         raise DatasetError(f"{ferplus_csv} has {len(vote_rows)} rows but {fer2013_csv} has {len(pixel_rows)}; they must align row by row")
-    images, labels, paths = [], [], []
-    for i, ((_, use, image), votes) in enumerate(zip(pixel_rows, vote_rows, strict=True)):
-        if votes[0] != use:
-            raise DatasetError(f"{ferplus_csv}: row {i + 2} has Usage {votes[0]!r} but {fer2013_csv} says {use!r}")
-        if use not in wanted:
-            continue
-        try:
-            name = ferplus_majority_label([float(v) for v in votes[2 : 2 + len(FERPLUS_COLUMNS)]])
-        except ValueError as exc:
-            raise DatasetError(f"{ferplus_csv}:{i + 2}: unreadable votes: {exc}") from exc
-        label = None if name is None else labeler(name, f"{name!r} (FER+ majority) at {ferplus_csv}:{i + 2}")
-        if label is not None:
-            images.append(image)
-            labels.append(label)
-            paths.append(f"{ferplus_csv.name}:row{i}")
-    if not images:
-        raise DatasetError(f"no FER+ majority-labelled rows with Usage in {sorted(wanted)}")
-    return _array_dataset(images, labels, classes, paths, image_size)
+
+    def majority_rows() -> Iterator[tuple[str | None, str, np.ndarray, str]]:
+        for i, ((_, use, image), votes) in enumerate(zip(pixel_rows, vote_rows, strict=True)):
+            if votes[0] != use:
+                raise DatasetError(f"{ferplus_csv}: row {i + 2} has Usage {votes[0]!r} but {fer2013_csv} says {use!r}")
+            if use not in wanted:
+                continue
+            try:
+                name = ferplus_majority_label([float(v) for v in votes[2 : 2 + len(FERPLUS_COLUMNS)]])
+            except ValueError as exc:
+                raise DatasetError(f"{ferplus_csv}:{i + 2}: unreadable votes: {exc}") from exc
+            yield name, f"{name!r} (FER+ majority) at {ferplus_csv}:{i + 2}", image, f"{ferplus_csv.name}:row{i}"
+
+    return _array_dataset(majority_rows(), labeler, image_size, f"no FER+ majority-labelled rows with Usage in {sorted(wanted)}")
 
 
 # --------------------------------------------------------------------------- one dataset selection for train and eval
@@ -518,6 +518,41 @@ def load_split(
     if fmt == "fer2013-csv":
         return load_fer2013_csv(source, split, image_size, classes, skip_classes)
     return load_ferplus(source, Path(ferplus_csv).expanduser(), split, image_size, classes, skip_classes)
+
+
+@dataclass(frozen=True)
+class LoadedSplit:
+    dataset: ImageDataset
+    data_format: str
+    split: str | None
+
+
+def load_split_from_args(
+    args: argparse.Namespace,
+    source: str | Path,
+    split: str | None,
+    image_size: int,
+    classes: Sequence[str] = FER_CLASSES,
+    default_split: int = 1,
+) -> LoadedSplit:
+    """:func:`load_split` with the options :func:`add_dataset_arguments` put on ``args`` (and ``--no-cache``).
+    A ``split`` of None means ``source`` itself for an ImageFolder, else the format's train
+    (``default_split=0``) or val (1) split from ``SPLITS``."""
+    fmt = resolve_format(source, args.data_format, args.ferplus_csv)
+    if split is None and fmt != "imagefolder":
+        split = SPLITS[fmt][default_split]
+    dataset = load_split(
+        source,
+        split,
+        fmt=fmt,
+        image_size=image_size,
+        classes=classes,
+        use_cache=not args.no_cache,
+        ferplus_csv=args.ferplus_csv,
+        label_scheme=args.label_scheme,
+        skip_classes=args.skip_classes,
+    )
+    return LoadedSplit(dataset, fmt, split)
 
 
 def _class_list(value: str) -> list[str]:

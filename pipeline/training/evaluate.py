@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, load_checkpoint, preprocess_crops
-from pipeline.training.data import SPLITS, DatasetError, add_dataset_arguments, load_split, resolve_format
+from pipeline.training.data import DatasetError, add_dataset_arguments, load_split_from_args
 
 __all__ = ["confusion_matrix", "evaluate", "main", "metrics_from_confusion", "plot_confusion_matrix", "predict_probabilities"]
 
@@ -212,19 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     model_path = Path(args.model).expanduser() if args.model else default_checkpoint_path()
     try:
         model, metadata = load_checkpoint(model_path)
-        fmt = resolve_format(args.data, args.data_format, args.ferplus_csv)
-        split = args.split if args.split or fmt == "imagefolder" else SPLITS[fmt][1]
-        dataset = load_split(
-            args.data,
-            split,
-            fmt=fmt,
-            image_size=metadata.resize_to,
-            classes=metadata.classes,
-            use_cache=not args.no_cache,
-            ferplus_csv=args.ferplus_csv,
-            label_scheme=args.label_scheme,
-            skip_classes=args.skip_classes,
-        )
+        loaded = load_split_from_args(args, args.data, args.split, metadata.resize_to, metadata.classes)
     except (FileNotFoundError, CheckpointError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -232,13 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model_path),
         "model_id": metadata.model_id,
         "data": str(Path(args.data).expanduser()),
-        "data_format": fmt,
-        "data_split": split,
+        "data_format": loaded.data_format,
+        "data_split": loaded.split,
     }
-    result.update(evaluate(model, metadata, dataset.images, dataset.labels, tta=args.tta))
+    result.update(evaluate(model, metadata, loaded.dataset.images, loaded.dataset.labels, tta=args.tta))
     if not args.no_plot:
         plot_path = Path(args.output).expanduser() if args.output else default_plot_path(model_path)
-        title = f"{metadata.model_id} on {Path(args.data).name}{f' {split}' if split else ''}: top-1 {result['accuracy']:.1%}"
+        title = f"{metadata.model_id} on {Path(args.data).name}{f' {loaded.split}' if loaded.split else ''}: top-1 {result['accuracy']:.1%}"
         plot_confusion_matrix(np.array(result["confusion_matrix"]), metadata.classes, plot_path, title)
         result["confusion_matrix_png"] = str(plot_path)
     if args.json:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.training.data import SPLITS, DatasetError, ImageDataset, add_dataset_arguments, load_split, resolve_format
+from pipeline.training.data import DatasetError, add_dataset_arguments, load_split_from_args
 from pipeline.training.evaluate import confusion_matrix, metrics_from_confusion, predict_probabilities
 
 __all__ = ["adjusted_metrics", "choose_tau", "final_linear", "fold_adjustment", "log_priors", "main", "sweep"]
@@ -91,23 +91,6 @@ def fold_adjustment(model: nn.Module, log_prior: np.ndarray, tau: float) -> None
         layer.bias -= torch.as_tensor(tau * log_prior, dtype=layer.bias.dtype, device=layer.bias.device)
 
 
-def _load(args: argparse.Namespace, source: str, split: str | None, which: int, image_size: int, classes: Sequence[str]) -> ImageDataset:
-    fmt = resolve_format(source, args.data_format, args.ferplus_csv)
-    if split is None and fmt != "imagefolder":
-        split = SPLITS[fmt][which]
-    return load_split(
-        source,
-        split,
-        fmt=fmt,
-        image_size=image_size,
-        classes=classes,
-        use_cache=not args.no_cache,
-        ferplus_csv=args.ferplus_csv,
-        label_scheme=args.label_scheme,
-        skip_classes=args.skip_classes,
-    )
-
-
 def _parse_taus(value: str) -> list[float]:
     taus = [float(part) for part in value.split(",") if part.strip()]
     if not taus or any(not math.isfinite(tau) or tau < 0 for tau in taus):
@@ -139,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         model, metadata = load_checkpoint(Path(args.model).expanduser())
-        train = _load(args, args.train_data, args.train_split, 0, metadata.resize_to, metadata.classes)
-        val = _load(args, args.data, args.split, 1, metadata.resize_to, metadata.classes)
+        train = load_split_from_args(args, args.train_data, args.train_split, metadata.resize_to, metadata.classes, default_split=0).dataset
+        val = load_split_from_args(args, args.data, args.split, metadata.resize_to, metadata.classes).dataset
         log_prior = log_priors(train.class_counts())
         final_linear(model, len(metadata.classes))  # fail before the sweep if there is nothing to fold into
     except (FileNotFoundError, CheckpointError, DatasetError, ValueError) as exc:

@@ -40,7 +40,15 @@ from tqdm import tqdm
 
 from pipeline.architectures import ARCHITECTURES, build_model, count_parameters
 from pipeline.checkpoint import ModelMetadata, preprocess_crops, save_checkpoint
-from pipeline.training.data import FER_CLASSES, SPLITS, DatasetError, ImageDataset, add_dataset_arguments, load_split, resolve_format
+from pipeline.training.data import (
+    FER_CLASSES,
+    SPLITS,
+    DatasetError,
+    ImageDataset,
+    add_dataset_arguments,
+    load_split_from_args,
+    resolve_format,
+)
 from pipeline.training.evaluate import confusion_matrix, metrics_from_confusion
 
 __all__ = ["TensorAugment", "data_selection", "get_args_parser", "main", "train"]
@@ -648,17 +656,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         selection = data_selection(args)
         train_set, val_set = (
-            load_split(
-                args.data_path,
-                selection[split],
-                fmt=selection["data_format"],
-                image_size=args.resize_to,
-                use_cache=not args.no_cache,
-                ferplus_csv=args.ferplus_csv,
-                label_scheme=args.label_scheme,
-                skip_classes=args.skip_classes,
-            )
-            for split in ("train_split", "val_split")
+            load_split_from_args(args, args.data_path, selection[split], args.resize_to).dataset for split in ("train_split", "val_split")
         )
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)

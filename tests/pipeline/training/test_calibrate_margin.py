@@ -137,7 +137,7 @@ def test_helpers():
         ("--margins", "0,wide", "'wide' is not a number"),
         ("--upscale", "0", "must be at least 1"),
         ("--upscale", "2.5", "not an integer"),
-        ("--pad", "-1", "must not be negative"),
+        ("--pad", "-1", "must be at least 0"),
         ("--limit", "0", "must be at least 1"),
         ("--batch-size", "0", "must be at least 1"),
     ],
