@@ -16,56 +16,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.analysis import CameraAnalyzer
 from pipeline.classification import ExpressionClassifier
-from pipeline.config import PipelineConfig, SourceConfig, TrackerConfig
+from pipeline.config import PipelineConfig, SourceConfig
 from pipeline.detection import FaceDetection, FaceDetector, detect_frames
 from pipeline.events import EventPublisher, ExpressionEvent
 from pipeline.metrics import PipelineMetrics
 from pipeline.sources import CameraSource, SourceStatus, VideoFrame
-from pipeline.tracking import IoUTracker
 
 log = logging.getLogger("ferstream.runner")
 
-EventSink = Callable[[str, list[ExpressionEvent]], None]
+# Called with a camera's published events of one frame (``ferstream run --print-events``).
+EventsCallback = Callable[[str, list[ExpressionEvent]], None]
 
 # How long the loop waits for a first ready frame before checking again for stop/finish.
 IDLE_WAIT_S = 0.05
-
-
-class CameraAnalyzer:
-    """Per-camera state after the models: tracks, smoothing, and event construction."""
-
-    def __init__(self, camera_id: str, tracker_config: TrackerConfig, classes: Sequence[str], model_id: str) -> None:
-        self.camera_id = camera_id
-        self.tracker = IoUTracker(tracker_config)
-        self.classes = tuple(classes)
-        self.model_id = model_id
-
-    def analyze(
-        self, frame: VideoFrame, detections: Sequence[FaceDetection], probabilities: np.ndarray
-    ) -> tuple[list[ExpressionEvent], list[int]]:
-        """Events for one frame, and the ids of tracks that ended with it."""
-        update = self.tracker.update(detections, probabilities)
-        events = []
-        for face in update.faces:
-            top = int(np.argmax(face.probabilities))
-            x1, y1, x2, y2 = face.detection.box
-            events.append(
-                ExpressionEvent(
-                    camera_id=self.camera_id,
-                    frame_index=frame.frame_index,
-                    pts_s=frame.pts_s,
-                    capture_time=frame.capture_time,
-                    track_id=face.track_id,
-                    box=(round(x1), round(y1), round(x2), round(y2)),
-                    detector_score=face.detection.score,
-                    emotion=self.classes[top],
-                    confidence=float(face.probabilities[top]),
-                    probabilities={name: float(p) for name, p in zip(self.classes, face.probabilities, strict=True)},
-                    model_id=self.model_id,
-                )
-            )
-        return events, update.ended_track_ids
 
 
 @dataclass(frozen=True)
@@ -84,7 +49,7 @@ class StreamPipeline:
         metrics: PipelineMetrics,
         models: ModelStages,
         publisher: EventPublisher,
-        on_events: EventSink | None = None,
+        on_events: EventsCallback | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -105,7 +70,7 @@ class StreamPipeline:
             self._sources[source_config.camera_id] = source
             classifier = self.models.classifier
             self._analyzers[source_config.camera_id] = CameraAnalyzer(
-                source_config.camera_id, self.config.tracker, classifier.classes, classifier.model_id
+                source_config.camera_id, self.config.tracker, classifier.classes, classifier.model_id, self.publisher, self.metrics
             )
         source.start()
         log.info("camera %s: added (%s)", source_config.camera_id, source_config.url)
@@ -113,10 +78,9 @@ class StreamPipeline:
     def remove_camera(self, camera_id: str) -> None:
         with self._lock:
             source = self._sources.pop(camera_id)
-            self._analyzers.pop(camera_id, None)
+            analyzer = self._analyzers.pop(camera_id)
         source.stop()
-        self.publisher.policy.forget_camera(camera_id)
-        self.metrics.forget_camera(camera_id)
+        analyzer.close()
         log.info("camera %s: removed", camera_id)
 
     def statuses(self) -> list[SourceStatus]:
@@ -194,14 +158,7 @@ class StreamPipeline:
             analyzer = self._analyzers.get(frame.camera_id)
         if analyzer is None:  # removed while its frame was in flight
             return []
-        started = time.perf_counter()
-        events, ended_tracks = analyzer.analyze(frame, detections, probabilities)
-        self.metrics.stage_latency.labels(stage="track").observe(time.perf_counter() - started)
-        for event in events:
-            self.metrics.classifications.labels(camera=frame.camera_id, emotion=event.emotion).inc()
-        for track_id in ended_tracks:
-            self.publisher.policy.forget(frame.camera_id, track_id)
-        published = self.publisher.publish(frame.camera_id, events)
+        published = analyzer.analyze(frame, detections, probabilities)
         if self.on_events is not None and published:
             self.on_events(frame.camera_id, published)
         return published

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from pipeline.analysis import CameraAnalyzer
 from pipeline.batching import BusyAwareBatchWait
 from pipeline.checkpoint import ModelMetadata
 from pipeline.classification import ExpressionClassifier, crop_faces
@@ -36,7 +37,6 @@ from pipeline.detection import FaceDetection, build_detector, downscale_for_dete
 from pipeline.events import EventPublisher, redis_client
 from pipeline.metrics import PipelineMetrics
 from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
-from pipeline.runner import CameraAnalyzer
 from pipeline.sources import CameraSource, redact_url
 
 log = logging.getLogger("ferstream.serve")
@@ -163,10 +163,9 @@ class CameraSession:
         self.metadata = metadata
         self.detector = detector
         self.classifier = classifier
-        self.publisher = publisher
         self.metrics = metrics
         self.source = CameraSource(camera, metrics)
-        self.analyzer = CameraAnalyzer(camera.camera_id, pipeline_config.tracker, metadata.classes, metadata.model_id)
+        self.analyzer = CameraAnalyzer(camera.camera_id, pipeline_config.tracker, metadata.classes, metadata.model_id, publisher, metrics)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ferstream-session-{camera.camera_id}", daemon=True)
 
@@ -178,8 +177,7 @@ class CameraSession:
         self._stop.set()
         self.source.stop(timeout_s)
         self._thread.join(timeout_s)
-        self.publisher.policy.forget_camera(self.camera.camera_id)
-        self.metrics.forget_camera(self.camera.camera_id)
+        self.analyzer.close()
 
     @property
     def threads_alive(self) -> list[str]:
@@ -209,14 +207,7 @@ class CameraSession:
         responses = [self.classifier.classify.remote(crop) for crop in crops]
         rows = [response.result(timeout_s=MODEL_CALL_TIMEOUT_S) for response in responses]
         probabilities = np.stack(rows) if rows else np.zeros((0, len(self.metadata.classes)), np.float32)
-        started = time.perf_counter()
-        events, ended = self.analyzer.analyze(frame, detections, probabilities)
-        self.metrics.stage_latency.labels(stage="track").observe(time.perf_counter() - started)
-        for event in events:
-            self.metrics.classifications.labels(camera=camera_id, emotion=event.emotion).inc()
-        for track_id in ended:
-            self.publisher.policy.forget(camera_id, track_id)
-        self.publisher.publish(camera_id, events)
+        self.analyzer.analyze(frame, detections, probabilities)
 
 
 class IngestOptions(BaseModel):

@@ -1,0 +1,82 @@
+"""The per-camera path after the models: tracking, event construction, publishing, camera removal.
+
+The single-process runner and the Serve ingest replicas differ only in how frames reach the
+models (one in-process batch across cameras, or one request per frame and face to the model
+deployments). What happens to a frame's detections and probabilities afterwards is the same
+and lives here, once: the tracker, the events built from its tracks, the ``track`` stage
+latency and ``classifications`` counter, the emission policy's bookkeeping of ended tracks,
+the publish, and what removing a camera must undo.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipeline.config import TrackerConfig
+from pipeline.detection import FaceDetection
+from pipeline.events import EventPublisher, ExpressionEvent
+from pipeline.metrics import PipelineMetrics
+from pipeline.sources import VideoFrame
+from pipeline.tracking import IoUTracker, TrackedFace
+
+
+class CameraAnalyzer:
+    """One camera after the models: its tracks, its events, and their publishing.
+
+    ``analyze`` is called from one thread per camera (the runner's loop or the camera's Serve
+    session); the publisher and metrics it shares with the other cameras are thread-safe.
+    """
+
+    def __init__(
+        self,
+        camera_id: str,
+        tracker_config: TrackerConfig,
+        classes: Sequence[str],
+        model_id: str,
+        publisher: EventPublisher,
+        metrics: PipelineMetrics,
+    ) -> None:
+        self.camera_id = camera_id
+        self.tracker = IoUTracker(tracker_config)
+        self.classes = tuple(classes)
+        self.model_id = model_id
+        self.publisher = publisher
+        self.metrics = metrics
+
+    def analyze(self, frame: VideoFrame, detections: Sequence[FaceDetection], probabilities: np.ndarray) -> list[ExpressionEvent]:
+        """Track one frame's faces and publish their events; returns the events the policy emitted."""
+        started = time.perf_counter()
+        update = self.tracker.update(detections, probabilities)
+        events = [self._event(frame, face) for face in update.faces]
+        self.metrics.stage_latency.labels(stage="track").observe(time.perf_counter() - started)
+        for event in events:
+            self.metrics.classifications.labels(camera=self.camera_id, emotion=event.emotion).inc()
+        # An ended track never comes back (ids are not reused), so its policy state is garbage.
+        for track_id in update.ended_track_ids:
+            self.publisher.policy.forget(self.camera_id, track_id)
+        return self.publisher.publish(self.camera_id, events)
+
+    def close(self) -> None:
+        """The camera was removed: drop its policy state and mark its stream down."""
+        self.publisher.policy.forget_camera(self.camera_id)
+        self.metrics.forget_camera(self.camera_id)
+
+    def _event(self, frame: VideoFrame, face: TrackedFace) -> ExpressionEvent:
+        top = int(np.argmax(face.probabilities))
+        x1, y1, x2, y2 = face.detection.box
+        return ExpressionEvent(
+            camera_id=self.camera_id,
+            frame_index=frame.frame_index,
+            pts_s=frame.pts_s,
+            capture_time=frame.capture_time,
+            track_id=face.track_id,
+            box=(round(x1), round(y1), round(x2), round(y2)),
+            detector_score=face.detection.score,
+            emotion=self.classes[top],
+            confidence=float(face.probabilities[top]),
+            probabilities={name: float(p) for name, p in zip(self.classes, face.probabilities, strict=True)},
+            model_id=self.model_id,
+        )
