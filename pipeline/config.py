@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
@@ -134,7 +134,30 @@ class TrackerConfig(StrictModel):
     ema_alpha: float = Field(0.5, gt=0.0, le=1.0, description="weight of the newest probabilities; 1: no smoothing")
 
 
+class RedisSinkConfig(StrictModel):
+    """Events to Redis Streams, one stream per camera (``pipeline.events.redis_sink``).
+
+    Its connection and stream settings stay the ``events`` fields (``redis_url``, ``stream_prefix``,
+    ``maxlen``, ``socket_timeout_s``, ``password``): the camera registry and the readers use the same
+    Redis whichever sink carries the events."""
+
+    kind: Literal["redis"] = "redis"
+
+
+class JsonlSinkConfig(StrictModel):
+    """Events as JSON lines (the schema's decoded form) appended to a file or standard output
+    (``pipeline.events.jsonl_sink``)."""
+
+    kind: Literal["jsonl"]
+    path: str = Field("-", min_length=1, description="file to append to (~ is expanded); '-': standard output")
+
+
+# One member per sink module in pipeline/events/, told apart by ``kind``.
+EventSinkConfig = Annotated[RedisSinkConfig | JsonlSinkConfig, Field(discriminator="kind")]
+
+
 class EventsConfig(StrictModel):
+    sink: EventSinkConfig = Field(RedisSinkConfig(), description="where events are written: redis (default) or jsonl")
     redis_url: str = "redis://127.0.0.1:6379/0"
     stream_prefix: str = Field("ferstream", pattern=r"^[A-Za-z0-9_.:-]+$")
     maxlen: int = Field(10_000, ge=1, description="approximate cap per camera stream (XADD MAXLEN ~)")
