@@ -80,14 +80,14 @@ class PipelineMetrics:
         )
 
         # Events
-        self.events_published = counter("events_published", "Events written to Redis", ["camera"])
+        self.events_published = counter("events_published", "Events written to the event sink (Redis Streams by default)", ["camera"])
         self.events_buffered = gauge("events_buffered", "Events held in memory waiting for Redis", [])
         self.events_dropped = counter(
             "events_dropped",
             "Events lost, by reason (buffer_full: Redis unreachable too long; closed: undelivered at shutdown)",
             ["camera", "reason"],
         )
-        self.redis_errors = counter("redis_errors", "Failed Redis writes (each is retried)", [])
+        self.redis_errors = counter("redis_errors", "Failed event-sink writes, Redis by default (each is retried)", [])
 
     @property
     def registry(self) -> CollectorRegistry:
