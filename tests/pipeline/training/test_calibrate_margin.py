@@ -158,7 +158,7 @@ def test_cli_reports_missing_inputs(tmp_path, tiny_data, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("detector: {kind: mtcnn, min_face_size: 2}\n")
     assert main(["--data", str(tiny_data / "val"), "--config", str(config)]) == 2
-    assert "detector.min_face_size" in capsys.readouterr().err
+    assert "detector.mtcnn.min_face_size" in capsys.readouterr().err
 
 
 class WholeImageDetector:
