@@ -7,17 +7,25 @@ YAML file fails at start with the offending field named instead of being ignored
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
+from pipeline.url_policy import MAX_URL_LENGTH, UrlOrigin, UrlRefused, check_source_url, url_scheme
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 CAMERA_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-SUPPORTED_URL_SCHEMES = ("file", "rtsp", "rtsps", "http", "https")
+# Upper bounds: a value past them is a typo or an attack, never a setting. A timeout past 5 minutes
+# would let a decode thread outlive DELETE /streams by that long; a backoff floor below 10 ms spins.
+MAX_TIMEOUT_S = 300.0
+MAX_BACKOFF_S = 3600.0
+MAX_FPS = 120.0
+MAX_CAMERAS = 1024
+# 8K (7680 x 4320): a BGR frame of that size is ~100 MB, and each camera holds two or three.
+MAX_FRAME_PIXELS = 7680 * 4320
 
 
 class ConfigError(ValueError):
@@ -25,15 +33,16 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: JSON's Infinity and NaN (Python's json module reads both) are no setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BackoffConfig(StrictModel):
     """Exponential backoff with jitter and a cap, shared by reconnects and Redis retries."""
 
-    initial_s: float = Field(0.5, gt=0)
-    max_s: float = Field(30.0, gt=0)
-    multiplier: float = Field(2.0, ge=1.0)
+    initial_s: float = Field(0.5, ge=0.01, le=MAX_BACKOFF_S)
+    max_s: float = Field(30.0, ge=0.01, le=MAX_BACKOFF_S)
+    multiplier: float = Field(2.0, ge=1.0, le=10.0)
     jitter: float = Field(0.2, ge=0.0, le=1.0, description="fraction of the delay drawn at random")
 
     @model_validator(mode="after")
@@ -43,36 +52,49 @@ class BackoffConfig(StrictModel):
         return self
 
 
-def url_scheme(url: str) -> str:
-    """The scheme of a source URL; a bare path counts as ``file``."""
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", url)
-    return match.group(1).lower() if match else "file"
+class UrlPolicyConfig(StrictModel):
+    """Which camera URLs are opened (pipeline/url_policy.py). Private ranges are always allowed."""
+
+    allow_link_local: bool = Field(
+        False, description="allow link-local cameras (169.254.0.0/16, fe80::/10); cloud metadata endpoints are among them"
+    )
+    allowed_file_dirs: tuple[Path, ...] = Field(
+        (), description="directories whose files POST /streams may open (file:///...); empty: no file sources through the API"
+    )
+
+    def check(self, url: str, origin: UrlOrigin) -> str:
+        return check_source_url(url, origin, allow_link_local=self.allow_link_local, allowed_file_dirs=self.allowed_file_dirs)
 
 
 class SourceConfig(StrictModel):
     """One camera: where it comes from and how fast we process it."""
 
     camera_id: str = Field(pattern=CAMERA_ID_PATTERN)
-    url: str = Field(min_length=1)
+    url: str = Field(min_length=1, max_length=MAX_URL_LENGTH)
     transport: Literal["tcp", "udp"] = "tcp"
-    target_fps: float | None = Field(5.0, gt=0, description="process at most this many frames a second; null: all")
+    target_fps: float | None = Field(5.0, gt=0, le=MAX_FPS, description="process at most this many frames a second; null: all")
     loop: bool = Field(False, description="files only: start again at the end instead of ending")
     realtime: bool = Field(
         True,
         description="files only: pace frames by PTS like a live camera; false: decode only as fast as frames are taken, dropping none",
     )
-    open_timeout_s: float = Field(10.0, gt=0)
-    watchdog_timeout_s: float = Field(10.0, gt=0, description="reconnect when open but silent this long")
+    open_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S)
+    watchdog_timeout_s: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S, description="reconnect when open but silent this long")
     reconnect: BackoffConfig = BackoffConfig()
-    max_reconnects: int | None = Field(None, ge=0, description="give up after this many; null: never (live)")
+    max_reconnects: int | None = Field(None, ge=0, le=1_000_000, description="give up after this many; null: never (live)")
+    max_frame_pixels: int = Field(
+        3840 * 2160, ge=1, le=MAX_FRAME_PIXELS, description="frames with more pixels (width x height) are dropped before conversion"
+    )
 
     @field_validator("url")
     @classmethod
-    def _known_scheme(cls, url: str) -> str:
-        scheme = url_scheme(url)
-        if scheme not in SUPPORTED_URL_SCHEMES:
-            raise ValueError(f"unsupported URL scheme {scheme!r}; use one of {', '.join(SUPPORTED_URL_SCHEMES)}")
-        return url
+    def _url_shape(cls, url: str) -> str:
+        # The shape of the URL only (scheme, protocol prefixes, host syntax): whether its host and
+        # files are allowed depends on url_policy, which PipelineConfig and the API apply.
+        try:
+            return check_source_url(url, UrlOrigin.CONFIG, allow_link_local=True)
+        except UrlRefused as refusal:
+            raise ValueError(str(refusal)) from None
 
     @property
     def is_file(self) -> bool:
@@ -157,7 +179,7 @@ class ClassifierConfig(StrictModel):
 
 class TrackerConfig(StrictModel):
     iou_threshold: float = Field(0.3, gt=0.0, lt=1.0)
-    max_missed_frames: int = Field(5, ge=0, description="frames a track survives without a match")
+    max_missed_frames: int = Field(5, ge=0, le=10_000, description="frames a track survives without a match")
     ema_alpha: float = Field(0.5, gt=0.0, le=1.0, description="weight of the newest probabilities; 1: no smoothing")
 
 
@@ -187,12 +209,12 @@ class EventsConfig(StrictModel):
     sink: EventSinkConfig = Field(RedisSinkConfig(), description="where events are written: redis (default) or jsonl")
     redis_url: str = "redis://127.0.0.1:6379/0"
     stream_prefix: str = Field("ferstream", pattern=r"^[A-Za-z0-9_.:-]+$")
-    maxlen: int = Field(10_000, ge=1, description="approximate cap per camera stream (XADD MAXLEN ~)")
+    maxlen: int = Field(10_000, ge=1, le=100_000_000, description="approximate cap per camera stream (XADD MAXLEN ~)")
     policy: Literal["every_face", "on_change"] = "every_face"
-    heartbeat_s: float = Field(5.0, gt=0, description="on_change: re-emit an unchanged track this often")
-    buffer_max_events: int = Field(10_000, ge=1, description="events held while Redis is unreachable")
+    heartbeat_s: float = Field(5.0, gt=0, le=MAX_BACKOFF_S, description="on_change: re-emit an unchanged track this often")
+    buffer_max_events: int = Field(10_000, ge=1, le=10_000_000, description="events held while Redis is unreachable")
     retry: BackoffConfig = BackoffConfig(initial_s=0.2, max_s=5.0)
-    socket_timeout_s: float = Field(2.0, gt=0)
+    socket_timeout_s: float = Field(2.0, gt=0, le=MAX_TIMEOUT_S)
     password: SecretStr | None = Field(None, description="Redis AUTH; prefer the FERSTREAM_REDIS_PASSWORD environment variable")
 
     @property
@@ -214,6 +236,9 @@ class MetricsConfig(StrictModel):
 
 
 class PipelineConfig(StrictModel):
+    # Before cameras: the cameras' validator reads it from info.data.
+    url_policy: UrlPolicyConfig = UrlPolicyConfig()
+    max_cameras: int = Field(256, ge=1, le=MAX_CAMERAS, description="cameras the app runs at most (config and API together)")
     cameras: list[SourceConfig] = Field(default_factory=list)
     detector: AnyDetectorConfig = DetectorConfig()
     classifier: ClassifierConfig = ClassifierConfig()
@@ -231,12 +256,28 @@ class PipelineConfig(StrictModel):
 
     @field_validator("cameras")
     @classmethod
-    def _unique_camera_ids(cls, cameras: list[SourceConfig]) -> list[SourceConfig]:
+    def _unique_camera_ids(cls, cameras: list[SourceConfig], info: ValidationInfo) -> list[SourceConfig]:
         seen: set[str] = set()
         for camera in cameras:
             if camera.camera_id in seen:
                 raise ValueError(f"duplicate camera_id {camera.camera_id!r}")
             seen.add(camera.camera_id)
+        max_cameras = info.data.get("max_cameras")
+        if max_cameras is not None and len(cameras) > max_cameras:
+            raise ValueError(f"{len(cameras)} cameras, more than max_cameras ({max_cameras})")
+        return cameras
+
+    @field_validator("cameras")
+    @classmethod
+    def _urls_follow_the_policy(cls, cameras: list[SourceConfig], info: ValidationInfo) -> list[SourceConfig]:
+        policy = info.data.get("url_policy")
+        if policy is None:  # url_policy itself was invalid: that error is reported
+            return cameras
+        for index, camera in enumerate(cameras):
+            try:
+                policy.check(camera.url, UrlOrigin.CONFIG)
+            except UrlRefused as refusal:
+                raise ValueError(f"{index}.url (camera {camera.camera_id!r}): {refusal}") from None
         return cameras
 
 

@@ -63,7 +63,8 @@ class PipelineMetrics:
         self.frames_processed = counter("frames_processed", "Frames taken for processing", ["camera"])
         self.frames_dropped = counter(
             "frames_dropped",
-            "Frames decoded but not processed, by reason (fps_limit: above target fps; stale: a fresher frame replaced it)",
+            "Frames decoded but not processed, by reason"
+            " (fps_limit: above target fps; stale: a fresher frame replaced it; too_large: above max_frame_pixels)",
             ["camera", "reason"],
         )
         self.decode_errors = counter("decode_errors", "Source open/decode errors, by kind (open, decode, stall)", ["camera", "kind"])

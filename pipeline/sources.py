@@ -34,7 +34,6 @@ import random
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +45,7 @@ import numpy as np
 from pipeline.backoff import Backoff
 from pipeline.config import SourceConfig, url_scheme
 from pipeline.metrics import PipelineMetrics
+from pipeline.url_policy import local_path, protocol_whitelist
 
 log = logging.getLogger("ferstream.sources")
 
@@ -221,21 +221,44 @@ class _FpsLimiter:
         return False
 
 
-def local_path(url: str) -> str:
-    """A file source's filesystem path: bare paths as they are, file:// URLs decoded."""
-    if url_scheme(url) != "file" or "://" not in url:
-        return url
-    parsed = urllib.parse.urlparse(url)
-    return urllib.request.url2pathname(parsed.netloc + parsed.path)
+# Query parameters whose values are credentials in camera and CDN URLs (?pwd=, ?token=, signed URLs).
+# A parameter is secret when its name, lower-cased, is one of these or contains one of SECRET_QUERY_PARTS.
+SECRET_QUERY_NAMES = frozenset(
+    {"pass", "pwd", "passwd", "password", "token", "key", "secret", "auth", "signature", "sig", "credential", "credentials", "session"}
+)
+SECRET_QUERY_PARTS = ("password", "passwd", "token", "secret", "signature", "apikey", "api_key", "access_key", "auth", "credential")
+REDACTED = "***"
+UNPARSABLE_URL = "<unparsable URL>"
+
+
+def is_secret_query_parameter(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in SECRET_QUERY_NAMES or any(part in lowered for part in SECRET_QUERY_PARTS)
+
+
+def _redact_query(query: str) -> str:
+    if not query:
+        return query
+    parts = []
+    for pair in query.split("&"):
+        name, equals, _value = pair.partition("=")
+        parts.append(f"{name}={REDACTED}" if equals and is_secret_query_parameter(urllib.parse.unquote_plus(name)) else pair)
+    return "&".join(parts)
 
 
 def redact_url(url: str) -> str:
-    """The URL without a password, for logs (camera URLs often carry credentials)."""
-    parsed = urllib.parse.urlsplit(url)
-    userinfo, at, host = parsed.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return urllib.parse.urlunsplit(parsed._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}"))
+    """The URL without credentials, for logs, API responses and errors (camera URLs often carry them):
+    the password in the user info and the values of secret-looking query parameters become ``***``.
+    Never raises: a URL that does not parse is replaced as a whole rather than shown."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:
+        return UNPARSABLE_URL
+    netloc = parsed.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc, query=_redact_query(parsed.query)))
 
 
 def _describe(error: BaseException) -> str:
@@ -495,13 +518,15 @@ class CameraSource:
     def _ffmpeg_options(self) -> dict[str, str]:
         scheme = url_scheme(self.config.url)
         socket_timeout_us = str(int(self.config.watchdog_timeout_s * 1_000_000))
+        # Only this scheme's protocols, for the open and every nested one (pipeline/url_policy.py).
+        options = {"protocol_whitelist": protocol_whitelist(self.config.url)}
         if scheme in ("rtsp", "rtsps"):
             # "timeout" is the RTSP socket I/O timeout in FFmpeg >= 5 (it replaced "stimeout").
-            return {"rtsp_transport": self.config.transport, "timeout": socket_timeout_us}
-        if scheme in ("http", "https"):
+            options.update(rtsp_transport=self.config.transport, timeout=socket_timeout_us)
+        elif scheme in ("http", "https"):
             # Generic AVIO read/write timeout; also applies to HLS playlist and segment fetches.
-            return {"rw_timeout": socket_timeout_us}
-        return {}
+            options.update(rw_timeout=socket_timeout_us)
+        return options
 
     def _schedule_reconnect(self) -> bool:
         """Wait out the backoff before the next attempt; False when giving up or stopping.
@@ -620,6 +645,15 @@ class CameraSource:
         if not self._limiter.admit(pts_s):
             with self._cond:
                 self._count_drop("fps_limit")
+            return
+
+        pixels = av_frame.width * av_frame.height
+        if pixels > self.config.max_frame_pixels:
+            # Refused before the BGR copy: an 8K frame is ~100 MB, and a hostile stream can claim any size.
+            limit = self.config.max_frame_pixels
+            self._record_error("decode", f"{av_frame.width}x{av_frame.height} frame above max_frame_pixels ({limit})")
+            with self._cond:
+                self._count_drop("too_large")
             return
 
         # Colour conversion is the expensive part, so only admitted frames pay for it.

@@ -378,9 +378,32 @@ def test_ffmpeg_options_follow_protocol_and_transport(metrics):
         wait_until(lambda source=source: source.finished, what="FAILED")
         source.stop()
     (rtsp_url, rtsp), (http_url, http), (file_target, file) = calls
-    assert rtsp["options"] == {"rtsp_transport": "udp", "timeout": "4000000"} and rtsp["timeout"] == (3, 4)
-    assert http["options"] == {"rw_timeout": "4000000"}
-    assert file_target == "/videos/a.mp4" and file["options"] == {}
+    assert rtsp["options"] == {"protocol_whitelist": "rtsp,rtp,udp,tcp", "rtsp_transport": "udp", "timeout": "4000000"}
+    assert rtsp["timeout"] == (3, 4)
+    assert http["options"] == {"protocol_whitelist": "http,https,tcp,tls,crypto", "rw_timeout": "4000000"}
+    assert file_target == "/videos/a.mp4" and file["options"] == {"protocol_whitelist": "file"}
+
+
+def test_the_protocol_whitelist_lets_files_play_and_stops_other_protocols(tmp_path, metrics, start):
+    clip = encode_test_clip(tmp_path / "clip.mp4", frames=10)
+    assert len(drain(start(make_config(clip)))) == 10
+    # A SourceConfig refuses "concat:" outright; built past validation, FFmpeg itself refuses it.
+    smuggled = make_config(clip).model_copy(update={"url": f"concat:{clip}|{clip}"})
+    source = start(smuggled)
+    assert drain(source) == []
+    status = source.status()
+    assert status.state == StreamState.FAILED and "Invalid argument" in (status.last_error or "")
+    assert sample(metrics, "frames_decoded_total") == 10  # the first source's frames only
+
+
+def test_frames_above_max_frame_pixels_are_dropped_before_conversion(tmp_path, metrics, start):
+    clip = encode_test_clip(tmp_path / "wide.mp4", frames=8, size=(320, 96))
+    source = start(make_config(clip, max_frame_pixels=320 * 96 - 1))
+    assert drain(source) == []
+    assert sample(metrics, "frames_dropped_total", reason="too_large") == 8
+    assert sample(metrics, "frames_decoded_total") == 8
+    assert "above max_frame_pixels" in (source.status().last_error or "")
+    assert len(drain(start(make_config(clip, camera_id="cam2", max_frame_pixels=320 * 96)))) == 8
 
 
 def test_unreachable_host_reconnects_with_backoff_then_fails(metrics, start):
@@ -563,3 +586,30 @@ def test_redact_url_hides_passwords():
     assert redact_url("rtsp://10.0.0.5/h264") == "rtsp://10.0.0.5/h264"
     assert redact_url("rtsps://u:p@[fe80::1]:322/s") == "rtsps://u:***@[fe80::1]:322/s"
     assert redact_url("/videos/a.mp4") == "/videos/a.mp4"
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("rtsp://10.0.0.5/h264?pwd=hunter2", "rtsp://10.0.0.5/h264?pwd=***"),
+        ("rtsp://10.0.0.5/live?user=admin&PASSWORD=x&channel=1", "rtsp://10.0.0.5/live?user=admin&PASSWORD=***&channel=1"),
+        ("https://cdn/x.m3u8?token=abc&Signature=s&Key-Pair-Id=k", "https://cdn/x.m3u8?token=***&Signature=***&Key-Pair-Id=k"),
+        (
+            "https://cdn/x.m3u8?X-Amz-Signature=s&X-Amz-Credential=c&X-Amz-Date=d",
+            "https://cdn/x.m3u8?X-Amz-Signature=***&X-Amz-Credential=***&X-Amz-Date=d",
+        ),
+        (
+            "http://h/v?sig=1&auth=2&pass=3&secret=4&key=5&api_key=6&access_token=7",
+            "http://h/v?sig=***&auth=***&pass=***&secret=***&key=***&api_key=***&access_token=***",
+        ),
+        ("rtsp://u:p@h/s?Pwd=x", "rtsp://u:***@h/s?Pwd=***"),
+        ("rtsp://h/s?pass%77ord=x", "rtsp://h/s?pass%77ord=***"),  # percent-encoded names too
+        ("rtsp://h/s?flag&fps=5", "rtsp://h/s?flag&fps=5"),
+    ],
+)
+def test_redact_url_hides_secret_query_parameters(url, redacted):
+    assert redact_url(url) == redacted
+
+
+def test_redact_url_never_raises_on_a_malformed_url():
+    assert redact_url("rtsp://admin:secret@[bad/x") == "<unparsable URL>"
