@@ -184,7 +184,7 @@ def test_order_holds_per_camera_through_flapping_redis() -> None:
     """Cameras publish from their own threads while Redis flaps; each camera's events must
     reach Redis complete and in order, whichever path (direct or backlog) carried them."""
     client, metrics = FakeRedis(), PipelineMetrics()
-    config = fake_config(buffer_max_events=10_000, retry=BackoffConfig(initial_s=0.001, max_s=0.005, jitter=0))
+    config = fake_config(buffer_max_events=10_000, retry=BackoffConfig(initial_s=0.01, max_s=0.02, jitter=0))
     publisher = fake_publisher(config, metrics, client, drain_batch=7)
     cameras, frames = ("cam1", "cam2", "cam3"), 300
     done = threading.Event()
