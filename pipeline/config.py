@@ -230,8 +230,14 @@ class EventsConfig(StrictModel):
 
 
 class MetricsConfig(StrictModel):
+    """The single-process runner's Prometheus endpoint (under Serve, metrics go through Ray's metrics port)."""
+
     enabled: bool = True
-    host: str = "0.0.0.0"
+    host: str = Field(
+        "127.0.0.1",
+        description="address the metrics server binds; loopback by default so that a laptop run exposes nothing. "
+        "0.0.0.0 for a Prometheus on another host or in a container",
+    )
     port: int = Field(9108, ge=0, le=65535, description="0: pick a free port")
 
 
@@ -300,9 +306,11 @@ def parse_config(model: type[ModelT], data: Any, origin: str) -> ModelT:
 def load_yaml(path: Path | str) -> Any:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
+        raise ConfigError(f"{path}: cannot read config: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {error.start}: {error.reason})") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:

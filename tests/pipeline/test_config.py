@@ -85,6 +85,22 @@ def test_unreadable_and_malformed_files_are_clear(tmp_path):
         load_config(write(tmp_path, "- a\n- b\n"))
 
 
+def test_an_unreadable_or_binary_config_names_the_file(tmp_path):
+    binary = tmp_path / "video.yaml"
+    binary.write_bytes(b"cameras: []\n\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=r"video\.yaml: not a UTF-8 text file \(byte 12"):
+        load_config(binary)
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"a-folder: cannot read config: Is a directory"):
+        load_config(folder)
+
+
+def test_the_metrics_server_binds_loopback_by_default():
+    assert PipelineConfig().metrics.host == "127.0.0.1"
+    assert load_config(REPO / "configs" / "pipeline.yaml").metrics.host == "127.0.0.1"
+
+
 def test_defaults_and_overrides(tmp_path):
     config = load_config(write(tmp_path, "cameras: [{camera_id: cam-1, url: rtsp://h/s}]"), overrides={"events": {"maxlen": 5}})
     assert config.cameras[0].transport == "tcp"
