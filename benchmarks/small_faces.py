@@ -1,0 +1,105 @@
+"""Small faces: how many faces each detector finds when the shared clips' people are far away.
+
+Usage:
+    python benchmarks/small_faces.py [--scales 1 0.5 0.333] [--frames 40] [--json OUT]
+
+Each shared clip is scaled to 1/2 and 1/3 and pasted into the top-left corner of a black frame of
+the clip's original size (so the detector sees the same frame size with smaller faces), then run
+through every detector at the service's ``detection_size``. Scale 1 is the clip as it is. The
+reference is what each detector finds at scale 1; MTCNN's count at each scale is the bar the
+default detector must reach. The clips are Intel IoT DevKit sample videos (CC BY 4.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import bench_common as common
+import cv2
+import numpy as np
+
+from pipeline.config import BlazeFaceConfig, DetectorConfig
+from pipeline.detection import FaceDetector, build_detector, detect_frames
+
+DETECTORS: dict[str, DetectorConfig | BlazeFaceConfig] = {
+    "mtcnn": DetectorConfig(),
+    "blazeface full_range": BlazeFaceConfig(model="full_range"),
+    "blazeface back": BlazeFaceConfig(model="back"),
+}
+
+
+def shrink_into_frame(image: np.ndarray, scale: float) -> np.ndarray:
+    """The image scaled by ``scale`` in the top-left corner of a black frame of its own size."""
+    if scale == 1.0:
+        return image
+    height, width = image.shape[:2]
+    small = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    frame = np.zeros_like(image)
+    frame[: small.shape[0], : small.shape[1]] = small
+    return frame
+
+
+def count_faces(detector: FaceDetector, frames: list[np.ndarray], detection_size: int) -> tuple[int, float]:
+    started = time.perf_counter()
+    found = sum(len(faces) for faces in detect_frames(detector, frames, detection_size))
+    return found, (time.perf_counter() - started) / len(frames) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 1 / 3])
+    parser.add_argument("--frames", type=int, default=40, help="frames per clip (from the start)")
+    parser.add_argument("--detection-size", type=int, default=640)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    detectors = {name: build_detector(config) for name, config in DETECTORS.items()}
+    rows: list[dict[str, Any]] = []
+    for clip_name, path in common.shared_clips().items():
+        _info, images = common.decode_clip(path)
+        images = images[: args.frames]
+        for scale in args.scales:
+            frames = [shrink_into_frame(image, scale) for image in images]
+            for name, detector in detectors.items():
+                detect_frames(detector, frames[:1], args.detection_size)  # warm-up
+                faces, ms = count_faces(detector, frames, args.detection_size)
+                rows.append(
+                    {
+                        "clip": clip_name,
+                        "scale": round(scale, 3),
+                        "detector": name,
+                        "frames": len(frames),
+                        "faces": faces,
+                        "ms_per_frame": round(ms, 2),
+                    }
+                )
+                print(f"{clip_name} scale {scale:.3f} {name}: {faces} faces in {len(frames)} frames, {ms:.1f} ms/frame", flush=True)
+
+    print()
+    print(
+        common.markdown_table(
+            ["clip", "scale", "detector", "faces", "ms/frame"],
+            [[r["clip"], r["scale"], r["detector"], f"{r['faces']}/{r['frames']} frames", r["ms_per_frame"]] for r in rows],
+        )
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "when": common.utc_now(),
+                    "command": common.command_line(),
+                    "machine": common.machine_description(),
+                    "git": common.git_description(),
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
