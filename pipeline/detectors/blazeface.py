@@ -138,18 +138,20 @@ def letterbox(image: np.ndarray, input_size: int) -> tuple[np.ndarray, Letterbox
 def to_detections(rows: np.ndarray, placement: Letterbox, min_face_size: int) -> list[FaceDetection]:
     """Rows of :func:`weighted_nms` in image pixels. Keypoints are given eyes first in image order
     (left, right), then nose, mouth and the two ear tragions."""
+    # All rows mapped back to image pixels at once: coordinates * side - pad.
+    offset = np.array([placement.pad_x, placement.pad_y], dtype=np.float32)
+    boxes = rows[:, 0:4].reshape(-1, 2, 2) * placement.side - offset
+    keypoints = rows[:, 5:17].reshape(-1, 6, 2) * placement.side - offset
     detections = []
-    for row in rows:
-        coords = row[[0, 1, 2, 3]] * placement.side - np.array([placement.pad_x, placement.pad_y] * 2)
-        x1, y1, x2, y2 = (float(v) for v in coords)
+    for box, points, score in zip(boxes, keypoints, rows[:, 4], strict=True):
+        (x1, y1), (x2, y2) = (float(v) for v in box[0]), (float(v) for v in box[1])
         if min(x2 - x1, y2 - y1) < min_face_size:
             continue
-        points = row[5:17].reshape(6, 2) * placement.side - np.array([placement.pad_x, placement.pad_y])
         # The model's first keypoint is the subject's right eye; order the eyes as they appear.
         eyes = sorted([tuple(points[0]), tuple(points[1])])
         rest = [tuple(p) for p in points[2:]]
         landmarks = tuple((float(x), float(y)) for x, y in [*eyes, *rest])
-        detections.append(FaceDetection(box=(x1, y1, x2, y2), score=float(row[4]), landmarks=landmarks))
+        detections.append(FaceDetection(box=(x1, y1, x2, y2), score=float(score), landmarks=landmarks))
     return detections
 
 
