@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -79,17 +80,32 @@ def _delegate(module: str, argv: Sequence[str]) -> int:
     return int(importlib.import_module(module).main(list(argv)))
 
 
+@dataclass(frozen=True)
+class DelegatedCommand:
+    module: str
+    summary: str  # the top-level help's line; the module's own parser has the details
+
+
+# The summaries live here rather than in the modules so that `ferstream --help` does not import torch.
 DELEGATED = {
-    "train": "pipeline.training.train",
-    "eval": "pipeline.training.evaluate",
-    "export": "pipeline.training.export",
-    "calibrate-margin": "pipeline.training.calibrate_margin",
-    "adjust-logits": "pipeline.training.logit_adjust",
+    "train": DelegatedCommand("pipeline.training.train", "train an expression classifier from scratch (FER2013, FER+, RAF-DB, AffectNet)"),
+    "eval": DelegatedCommand(
+        "pipeline.training.evaluate", "score a checkpoint on a labelled split: accuracy, per-class recall, confusion PNG"
+    ),
+    "export": DelegatedCommand("pipeline.training.export", "export a checkpoint to ONNX or TorchScript, checked against PyTorch"),
+    "calibrate-margin": DelegatedCommand(
+        "pipeline.training.calibrate_margin", "choose a checkpoint's face_margin on the service's own detector crops"
+    ),
+    "adjust-logits": DelegatedCommand(
+        "pipeline.training.logit_adjust", "fold a logit adjustment for class imbalance into a checkpoint (tau chosen on val)"
+    ),
 }
+
+DESCRIPTION = "ferstream: run the pipeline, tail its events, and train, evaluate, export and calibrate expression models."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ferstream", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ferstream", description=DESCRIPTION)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -111,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--count", type=int, help="stop after this many events")
     tail.set_defaults(handler=_tail)
 
-    for name, module in DELEGATED.items():
-        sub = commands.add_parser(name, help=f"see `ferstream {name} --help`", add_help=False)
-        sub.set_defaults(module=module)
+    for name, command in DELEGATED.items():
+        # add_help=False: `ferstream eval --help` reaches the module's own parser.
+        sub = commands.add_parser(name, help=command.summary, add_help=False)
+        sub.set_defaults(module=command.module)
     return parser
 
 

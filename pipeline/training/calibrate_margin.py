@@ -200,7 +200,8 @@ def calibrate(
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Score a checkpoint on the service's detector crops of a labelled split for several face_margin values"
+        prog="ferstream calibrate-margin",
+        description="Score a checkpoint on the service's detector crops of a labelled split for several face_margin values",
     )
     parser.add_argument("--data", required=True, help="ImageFolder tree (e.g. .../fer2013/val), fer2013.csv or a RAF-DB root")
     add_dataset_arguments(parser)

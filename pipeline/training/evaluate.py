@@ -186,7 +186,7 @@ def _print_human(result: dict[str, Any], label: str) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate an expression checkpoint on a labelled dataset split")
+    parser = argparse.ArgumentParser(prog="ferstream eval", description="Evaluate an expression checkpoint on a labelled dataset split")
     parser.add_argument("--data", required=True, help="ImageFolder tree (e.g. .../fer2013/val), fer2013.csv or a RAF-DB root")
     add_dataset_arguments(parser)
     parser.add_argument(
@@ -198,7 +198,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped pipeline/assets/expression_default.pt)")
     parser.add_argument("--tta", action="store_true", help="also report metrics with hflip + 5-crop test-time augmentation")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
-    parser.add_argument("--output", default=None, help="confusion-matrix PNG path (default: next to the model)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="confusion-matrix PNG path (default: <model stem>_confusion.png next to --model; "
+        "for the shipped model ~/.cache/ferstream/eval/expression_default_confusion.png)",
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not write the confusion-matrix PNG")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     parser.add_argument("--no-cache", action="store_true", help="do not use the decoded-array cache")

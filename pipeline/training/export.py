@@ -140,7 +140,7 @@ def export(model_path: Path, fmt: str, output: Path | None = None, tolerance: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export an expression checkpoint to ONNX or TorchScript")
+    parser = argparse.ArgumentParser(prog="ferstream export", description="Export an expression checkpoint to ONNX or TorchScript")
     parser.add_argument("--format", required=True, choices=sorted(SUFFIXES))
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped pipeline/assets/expression_default.pt)")
     parser.add_argument("--output", default=None, help="output file (default: next to the model, <stem>.onnx / <stem>.torchscript.pt)")

@@ -100,7 +100,8 @@ def _parse_taus(value: str) -> list[float]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Fold a post-hoc logit adjustment for class imbalance into a checkpoint, tau chosen on val"
+        prog="ferstream adjust-logits",
+        description="Fold a post-hoc logit adjustment for class imbalance into a checkpoint, tau chosen on val",
     )
     parser.add_argument("--model", required=True, help="checkpoint to adjust")
     parser.add_argument("--train-data", required=True, help="the training split the priors come from (e.g. .../fer2013/train)")

@@ -73,7 +73,7 @@ def default_runs_dir() -> Path:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train the ferstream expression classifier", add_help=add_help)
+    parser = argparse.ArgumentParser(prog="ferstream train", description="Train the ferstream expression classifier", add_help=add_help)
     parser.add_argument(
         "--data-path",
         required=True,

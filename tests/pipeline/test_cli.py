@@ -43,3 +43,23 @@ def test_run_prints_events_that_reach_redis_and_tail_reads_them(redis_server, sh
     tail = ferstream("tail", "--camera", "lobby", "--redis-url", redis_server.url, "--from-start", "--count", str(len(printed)), timeout=60)
     assert tail.returncode == 0, tail.stderr[-2000:]
     assert [json.loads(line) for line in tail.stdout.splitlines()] == printed
+
+
+def test_help_texts_name_each_command_and_summarise_it():
+    top = ferstream("--help", timeout=60)
+    assert top.returncode == 0 and "``" not in top.stdout
+    assert "see `ferstream" not in top.stdout
+    for name in ("train", "eval", "export", "calibrate-margin", "adjust-logits"):
+        sub = ferstream(name, "--help", timeout=120)
+        assert sub.returncode == 0, sub.stderr[-2000:]
+        assert sub.stdout.startswith(f"usage: ferstream {name} "), sub.stdout[:200]
+        assert "``" not in sub.stdout
+
+
+def test_eval_output_help_says_where_the_png_goes():
+    from pipeline.training.evaluate import default_checkpoint_path, default_plot_path, get_args_parser
+
+    # argparse wraps long paths mid-word, so check the help string itself against where the PNG really goes.
+    output = next(action for action in get_args_parser()._actions if "--output" in action.option_strings)
+    shipped = default_plot_path(default_checkpoint_path())
+    assert str(shipped).replace(str(Path.home()), "~") in output.help
