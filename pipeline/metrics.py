@@ -73,6 +73,11 @@ class PipelineMetrics:
 
         # Models
         self.faces_detected = counter("faces_detected", "Faces found by the detector", ["camera"])
+        self.frames_failed = counter(
+            "frames_failed",
+            "Frames lost because a stage raised on them, by stage (detect, classify, track, publish); the other cameras go on",
+            ["camera", "stage"],
+        )
         self.classifications = counter("classifications", "Faces classified, by top emotion", ["camera", "emotion"])
         self.batch_size = histogram("batch_size", "Items per model batch", ["stage"], BATCH_BUCKETS)
         self.stage_latency = histogram("stage_latency_seconds", "Time spent in one pipeline stage per call", ["stage"], STAGE_BUCKETS)

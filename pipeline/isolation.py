@@ -1,0 +1,105 @@
+"""Failure isolation for batched model calls: a frame whose input makes a model fail costs that frame only.
+
+Batching puts frames of several cameras into one model call, so one camera's bad frame (a
+1920x40 clip for which MTCNN has no image pyramid, say) would fail the whole batch. ``call_per_unit``
+runs the batch once and, only when that call raises, runs each unit (a frame, or a frame's face
+crops) alone, so the others get their results and the failing unit gets a ``UnitFailure``.
+``FrameFailures`` counts a lost frame in ``frames_failed_total{camera,stage}`` and logs it
+rate-limited. The runner and the Serve deployments both use them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from pipeline.log_limits import RepeatLimitedLog
+from pipeline.metrics import PipelineMetrics
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+FAILURE_STAGES = ("detect", "classify", "track", "publish")
+# How much of an error message goes into the log line and the rate-limit key.
+ERROR_TEXT_CHARS = 200
+
+
+@dataclass(frozen=True)
+class UnitFailure(Generic[ItemT]):
+    """The model call failed on this unit's items alone."""
+
+    error: Exception
+
+
+def call_per_unit(
+    call: Callable[[list[ItemT]], Sequence[ResultT]], units: Sequence[Sequence[ItemT]]
+) -> list[list[ResultT] | UnitFailure[ItemT]]:
+    """``call`` on the items of all units at once; when it raises, on each unit alone.
+
+    ``call`` maps a list of items to one result per item. Returns, per unit, its results or the
+    ``UnitFailure`` of its own call. The retry costs a second pass over the good units, but
+    only while a bad input is in the batch.
+    """
+    flat = [item for unit in units for item in unit]
+    if not flat:
+        return [[] for _ in units]
+    try:
+        results = _results(call, flat)
+    except Exception as error:
+        if len(units) == 1:
+            return [UnitFailure(error)]
+        return [_unit_alone(call, unit) for unit in units]
+    split: list[list[ResultT] | UnitFailure[ItemT]] = []
+    offset = 0
+    for unit in units:
+        split.append(results[offset : offset + len(unit)])
+        offset += len(unit)
+    return split
+
+
+def _unit_alone(call: Callable[[list[ItemT]], Sequence[ResultT]], unit: Sequence[ItemT]) -> list[ResultT] | UnitFailure[ItemT]:
+    if not unit:
+        return []
+    try:
+        return _results(call, list(unit))
+    except Exception as error:
+        return UnitFailure(error)
+
+
+def _results(call: Callable[[list[ItemT]], Sequence[ResultT]], items: list[ItemT]) -> list[ResultT]:
+    results = list(call(items))
+    if len(results) != len(items):
+        raise RuntimeError(f"the model returned {len(results)} results for {len(items)} inputs")
+    return results
+
+
+def describe_error(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text[:ERROR_TEXT_CHARS]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class FrameFailures:
+    """Counts and logs frames lost to a failing stage; one per process, shared by its cameras (thread-safe)."""
+
+    def __init__(self, metrics: PipelineMetrics, logger: logging.Logger, log: RepeatLimitedLog | None = None) -> None:
+        self.metrics = metrics
+        self.log = log if log is not None else RepeatLimitedLog(logger)
+
+    def record(self, camera_id: str, stage: str, frame_index: int, error: BaseException) -> None:
+        if stage not in FAILURE_STAGES:
+            raise ValueError(f"unknown stage {stage!r}; one of {FAILURE_STAGES}")
+        self.metrics.frames_failed.labels(camera=camera_id, stage=stage).inc()
+        description = describe_error(error)
+        # With its traceback, at most once per REPEAT_LOG_INTERVAL_S for the same camera, stage and error.
+        self.log.warning(
+            (camera_id, stage, description),
+            "camera %s: frame %d lost in %s: %s",
+            camera_id,
+            frame_index,
+            stage,
+            description,
+            exc_info=error,
+        )
