@@ -55,5 +55,7 @@ def test_ended_tracks_and_removed_cameras_leave_no_policy_state() -> None:
     metrics.stream_up.labels(camera="cam1").set(1)
     analyzer.close()
     assert publisher.policy.tracked("cam1") == 0
-    assert sample(metrics, "ferstream_stream_up", {"camera": "cam1"}) == 0
+    # Its series are gone with it (the registry no longer names the camera).
+    assert metrics.registry.get_sample_value("ferstream_stream_up", {"camera": "cam1"}) is None
+    assert metrics.registry.get_sample_value("ferstream_classifications_total", {"camera": "cam1", "emotion": "happy"}) is None
     publisher.close()

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import redis
+from prometheus_client import generate_latest
 
 from pipeline.analysis import CameraAnalyzer
 from pipeline.classification import ExpressionClassifier
-from pipeline.config import PipelineConfig, parse_config
+from pipeline.config import PipelineConfig, SourceConfig, parse_config
 from pipeline.detection import FaceDetection, build_detector
 from pipeline.events import EventPublisher, ExpressionEvent, stream_key, validate_event_dict
 from pipeline.metrics import PipelineMetrics
@@ -205,3 +206,17 @@ def test_a_frame_the_tracker_or_the_publisher_fails_on_costs_that_frame_only(mon
     sink.error = None
     assert len(pipeline.process([fake_frame("good", 2)])["good"]) == 1
     pipeline.publisher.close()
+
+
+def test_removing_a_camera_removes_its_metric_series(tmp_path) -> None:
+    pipeline, sink, metrics = fake_pipeline()
+    clip = encode_test_clip(tmp_path / "clip.mp4", frames=10)
+    for camera_id in ("gone", "kept"):
+        pipeline.add_camera(SourceConfig(camera_id=camera_id, url=str(clip), realtime=False, target_fps=None))
+    pipeline.run(max_seconds=30)
+    assert metrics.registry.get_sample_value("ferstream_frames_decoded_total", {"camera": "gone"}) == 10
+    assert any(event.camera_id == "gone" for event in sink.written)
+    pipeline.remove_camera("gone")
+    exposition = generate_latest(metrics.registry).decode()
+    assert 'camera="gone"' not in exposition and 'camera="kept"' in exposition
+    pipeline.close()
