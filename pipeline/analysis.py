@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.config import TrackerConfig
 from pipeline.detection import FaceDetection
-from pipeline.events import EventPublisher, ExpressionEvent
+from pipeline.events import EventPublisher, ExpressionEvent, new_run_id
 from pipeline.isolation import FrameFailures
 from pipeline.metrics import PipelineMetrics
 from pipeline.sources import VideoFrame
@@ -43,8 +43,12 @@ class CameraAnalyzer:
         publisher: EventPublisher,
         metrics: PipelineMetrics,
         failures: FrameFailures | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.camera_id = camera_id
+        # One analyzer per start of the camera, so a new run_id per start: frame_index and track_id
+        # start again with the run, and (camera_id, run_id, frame_index, track_id) stays unique.
+        self.run_id = run_id if run_id is not None else new_run_id()
         self.tracker = IoUTracker(tracker_config)
         self.classes = tuple(classes)
         self.model_id = model_id
@@ -87,6 +91,7 @@ class CameraAnalyzer:
         x1, y1, x2, y2 = face.detection.box
         return ExpressionEvent(
             camera_id=self.camera_id,
+            run_id=self.run_id,
             frame_index=frame.frame_index,
             pts_s=frame.pts_s,
             capture_time=frame.capture_time,

@@ -18,6 +18,7 @@ from pipeline.events.record import (
     EventValidationError,
     ExpressionEvent,
     event_schema,
+    new_run_id,
     validate_event_dict,
 )
 from pipeline.events.redis_sink import RETRYABLE_ERRORS, RedisStreamSink, redis_client, stream_key
@@ -42,6 +43,7 @@ __all__ = [
     "StreamMessage",
     "build_sink",
     "event_schema",
+    "new_run_id",
     "redis_client",
     "stream_key",
     "tail",

@@ -3,8 +3,9 @@
 Delivery is at-least-once: the publisher never raises into the pipeline when its sink is
 unavailable, it buffers a bounded number of events in memory and a background thread
 delivers them, in order, when the sink comes back. A write that failed half-way can be
-retried whole, so a consumer may (rarely) see an event twice; ``(camera_id, frame_index,
-track_id)`` identifies an event for de-duplication.
+retried whole, so a consumer may (rarely) see an event twice; ``(camera_id, run_id,
+frame_index, track_id)`` identifies an event for de-duplication (``run_id`` is new at every
+start of a camera, so the key does not repeat after a restart).
 """
 
 from __future__ import annotations

@@ -220,3 +220,21 @@ def test_removing_a_camera_removes_its_metric_series(tmp_path) -> None:
     exposition = generate_latest(metrics.registry).decode()
     assert 'camera="gone"' not in exposition and 'camera="kept"' in exposition
     pipeline.close()
+
+
+def test_event_keys_do_not_repeat_when_a_camera_is_removed_and_added_again(tmp_path) -> None:
+    pipeline, sink, _metrics = fake_pipeline()
+    clip = encode_test_clip(tmp_path / "clip.mp4", frames=10)
+    camera = SourceConfig(camera_id="lobby", url=str(clip), realtime=False, target_fps=None)
+    for _start in range(2):  # DELETE then POST of the same camera: the clip and its frame indices start again
+        pipeline.add_camera(camera)
+        pipeline.run(max_seconds=30)
+        pipeline.remove_camera("lobby")
+    events = [event for event in sink.written if event.camera_id == "lobby"]
+    assert len(events) == 20
+    old_keys = [(event.camera_id, event.frame_index, event.track_id) for event in events]
+    assert len(set(old_keys)) == 10  # what consumers de-duplicated on before run_id: real events would be dropped
+    keys = [(event.camera_id, event.run_id, event.frame_index, event.track_id) for event in events]
+    assert len(set(keys)) == 20
+    assert len({event.run_id for event in events}) == 2
+    pipeline.close()
