@@ -143,6 +143,31 @@ class PipelineMetrics:
             self.factory.remove_series(family, label_names, {"camera": camera_id})
 
 
+class SubscriberMetrics:
+    """What an ``EventSubscriber`` (pipeline/events/readers.py) counts, on a consumer's own registry.
+
+    ``camera`` is the stream's camera and ``group`` the consumer group.
+    """
+
+    def __init__(self, factory: MetricFactory | None = None) -> None:
+        self.factory: MetricFactory = factory if factory is not None else PrometheusMetricFactory()
+        self.events_lost_to_trim = self.factory.counter(
+            "events_lost_to_trim",
+            "Stream entries trimmed (XADD MAXLEN) before the group handled them, by state"
+            " (unread: never delivered to the group; pending: delivered but never acked)",
+            ["camera", "group", "state"],
+        )
+        self.events_claimed = self.factory.counter(
+            "events_claimed", "Entries claimed (XAUTOCLAIM) from consumers that left them pending too long", ["camera", "group"]
+        )
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        if not isinstance(self.factory, PrometheusMetricFactory):
+            raise TypeError(f"these metrics record through {type(self.factory).__name__}, not a prometheus-client registry")
+        return self.factory.registry
+
+
 def serve_metrics(metrics: PipelineMetrics, host: str, port: int) -> int:
     """Expose the registry over HTTP; returns the bound port (useful when port is 0)."""
     server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
