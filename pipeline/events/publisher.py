@@ -24,6 +24,7 @@ from pipeline.events.policy import EmissionPolicy
 from pipeline.events.record import ExpressionEvent
 from pipeline.events.sink import EventSink, EventSinkUnavailable
 from pipeline.events.sinks import build_sink
+from pipeline.log_limits import RepeatLimitedLog
 from pipeline.metrics import PipelineMetrics
 
 log = logging.getLogger("ferstream.events")
@@ -78,6 +79,7 @@ class EventPublisher:
         self._overflow_logged = False  # one warning per outage, not one per dropped event
         self._flusher: threading.Thread | None = None
         self._wake = threading.Event()  # cuts a backoff sleep short (flush(), close())
+        self._log = RepeatLimitedLog(log)
 
     # -- public API -----------------------------------------------------------------------------
     def publish(self, camera_id: str, events: list[ExpressionEvent]) -> list[ExpressionEvent]:
@@ -95,7 +97,7 @@ class EventPublisher:
             stamped = [event.with_publish_time(now) for event in selected]
             with self._cond:
                 if self._closed:
-                    log.warning("camera %s: publish after close; %d events dropped", camera_id, len(stamped))
+                    self._log.warning(camera_id, "camera %s: publish after close; %d events dropped", camera_id, len(stamped))
                     self.metrics.events_dropped.labels(camera=camera_id, reason="closed").inc(len(stamped))
                     return stamped
                 write_now = not self._degraded
