@@ -81,10 +81,14 @@ class CameraAnalyzer:
             self.failures.record(self.camera_id, "publish", frame.frame_index, error)
             return []
 
-    def close(self) -> None:
-        """The camera was removed: drop its policy state and mark its stream down."""
+    def close(self, forget_series: bool = True) -> None:
+        """The camera was removed: drop its policy state and its metric series (``forget_series``
+        False: only mark its stream down, for a shutdown whose last scrape or summary still reads them)."""
         self.publisher.policy.forget_camera(self.camera_id)
-        self.metrics.forget_camera(self.camera_id)
+        if forget_series:
+            self.metrics.forget_camera(self.camera_id)
+        else:
+            self.metrics.stream_up.labels(camera=self.camera_id).set(0)
 
     def _event(self, frame: VideoFrame, face: TrackedFace) -> ExpressionEvent:
         top = int(np.argmax(face.probabilities))

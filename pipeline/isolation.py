@@ -11,7 +11,9 @@ rate-limited. The runner and the Serve deployments both use them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -24,6 +26,8 @@ ResultT = TypeVar("ResultT")
 FAILURE_STAGES = ("detect", "classify", "track", "publish")
 # How much of an error message goes into the log line and the rate-limit key.
 ERROR_TEXT_CHARS = 200
+# A camera whose frame failed a stage has its frames called alone in that stage for this long.
+SUSPECT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -34,29 +38,35 @@ class UnitFailure(Generic[ItemT]):
 
 
 def call_per_unit(
-    call: Callable[[list[ItemT]], Sequence[ResultT]], units: Sequence[Sequence[ItemT]]
+    call: Callable[[list[ItemT]], Sequence[ResultT]], units: Sequence[Sequence[ItemT]], alone: Collection[int] = ()
 ) -> list[list[ResultT] | UnitFailure[ItemT]]:
     """``call`` on the items of all units at once; when it raises, on each unit alone.
 
     ``call`` maps a list of items to one result per item. Returns, per unit, its results or the
     ``UnitFailure`` of its own call. The retry costs a second pass over the good units, but
-    only while a bad input is in the batch.
+    only while a bad input is in the batch; the units whose indices are in ``alone`` (say, a
+    camera that failed a moment ago) are called on their own from the start, so that a camera
+    failing on every frame does not make every batch run twice.
     """
-    flat = [item for unit in units for item in unit]
+    results: list[list[ResultT] | UnitFailure[ItemT]] = [[] for _ in units]
+    together = [index for index in range(len(units)) if index not in alone]
+    for index in range(len(units)):
+        if index in alone:
+            results[index] = _unit_alone(call, units[index])
+    flat = [item for index in together for item in units[index]]
     if not flat:
-        return [[] for _ in units]
+        return results
     try:
-        results = _results(call, flat)
+        batch = _results(call, flat)
     except Exception as error:
-        if len(units) == 1:
-            return [UnitFailure(error)]
-        return [_unit_alone(call, unit) for unit in units]
-    split: list[list[ResultT] | UnitFailure[ItemT]] = []
+        for index in together:
+            results[index] = UnitFailure(error) if len(together) == 1 else _unit_alone(call, units[index])
+        return results
     offset = 0
-    for unit in units:
-        split.append(results[offset : offset + len(unit)])
-        offset += len(unit)
-    return split
+    for index in together:
+        results[index] = batch[offset : offset + len(units[index])]
+        offset += len(units[index])
+    return results
 
 
 def _unit_alone(call: Callable[[list[ItemT]], Sequence[ResultT]], unit: Sequence[ItemT]) -> list[ResultT] | UnitFailure[ItemT]:
@@ -82,16 +92,32 @@ def describe_error(error: BaseException) -> str:
 
 
 class FrameFailures:
-    """Counts and logs frames lost to a failing stage; one per process, shared by its cameras (thread-safe)."""
+    """Counts and logs frames lost to a failing stage, and remembers which cameras failed lately
+    (``recently_failed``) so their next frames can be called alone. One per process, shared by its
+    cameras; thread-safe."""
 
-    def __init__(self, metrics: PipelineMetrics, logger: logging.Logger, log: RepeatLimitedLog | None = None) -> None:
+    def __init__(
+        self,
+        metrics: PipelineMetrics,
+        logger: logging.Logger,
+        log: RepeatLimitedLog | None = None,
+        *,
+        suspect_s: float = SUSPECT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.metrics = metrics
         self.log = log if log is not None else RepeatLimitedLog(logger)
+        self.suspect_s = suspect_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failed_at: dict[tuple[str, str], float] = {}
 
     def record(self, camera_id: str, stage: str, frame_index: int, error: BaseException) -> None:
         if stage not in FAILURE_STAGES:
             raise ValueError(f"unknown stage {stage!r}; one of {FAILURE_STAGES}")
         self.metrics.frames_failed.labels(camera=camera_id, stage=stage).inc()
+        with self._lock:
+            self._failed_at[(camera_id, stage)] = self._clock()
         description = describe_error(error)
         # With its traceback, at most once per REPEAT_LOG_INTERVAL_S for the same camera, stage and error.
         self.log.warning(
@@ -103,3 +129,19 @@ class FrameFailures:
             description,
             exc_info=error,
         )
+
+    def recently_failed(self, camera_id: str, stage: str) -> bool:
+        """Whether a frame of this camera failed ``stage`` within the last ``suspect_s``."""
+        with self._lock:
+            failed_at = self._failed_at.get((camera_id, stage))
+            if failed_at is None:
+                return False
+            if self._clock() - failed_at < self.suspect_s:
+                return True
+            del self._failed_at[(camera_id, stage)]
+            return False
+
+    def forget_camera(self, camera_id: str) -> None:
+        with self._lock:
+            for key in [key for key in self._failed_at if key[0] == camera_id]:
+                del self._failed_at[key]

@@ -83,12 +83,14 @@ class StreamPipeline:
         source.start()
         log.info("camera %s: added (%s)", source_config.camera_id, source_config.url)
 
-    def remove_camera(self, camera_id: str) -> None:
+    def remove_camera(self, camera_id: str, *, forget_series: bool = True) -> None:
+        """Stop the camera; its metric series go too unless ``forget_series`` is False."""
         with self._lock:
             source = self._sources.pop(camera_id)
             analyzer = self._analyzers.pop(camera_id)
         source.stop()
-        analyzer.close()
+        analyzer.close(forget_series)
+        self.failures.forget_camera(camera_id)
         log.info("camera %s: removed", camera_id)
 
     def statuses(self) -> list[SourceStatus]:
@@ -118,7 +120,8 @@ class StreamPipeline:
     def close(self) -> None:
         self.stop()
         for camera_id in [status.camera_id for status in self.statuses()]:
-            self.remove_camera(camera_id)
+            # Shutting down is not removing: the series stay for the last scrape and the exit summary.
+            self.remove_camera(camera_id, forget_series=False)
         self.publisher.close()
 
     def _collect_ready_frames(self) -> list[VideoFrame]:
@@ -139,7 +142,7 @@ class StreamPipeline:
         """
         stage = self.metrics.stage_latency
         started = time.perf_counter()
-        detected = call_per_unit(self._detect, [[frame] for frame in frames])
+        detected = call_per_unit(self._detect, [[frame] for frame in frames], self._alone(frames, "detect"))
         stage.labels(stage="detect").observe(time.perf_counter() - started)
         self.metrics.batch_size.labels(stage="detect").observe(len(frames))
 
@@ -157,7 +160,11 @@ class StreamPipeline:
             except Exception as error:
                 self.failures.record(frame.camera_id, "classify", frame.frame_index, error)
         started = time.perf_counter()
-        classified = call_per_unit(self.models.classifier.predict, [crops for _frame, _found, crops in crops_of])
+        classified = call_per_unit(
+            self.models.classifier.predict,
+            [crops for _frame, _found, crops in crops_of],
+            self._alone([frame for frame, _found, _crops in crops_of], "classify"),
+        )
         crop_count = sum(len(crops) for _frame, _found, crops in crops_of)
         if crop_count:
             stage.labels(stage="classify").observe(time.perf_counter() - started)
@@ -172,10 +179,20 @@ class StreamPipeline:
             probabilities = np.stack(rows) if rows else np.zeros((0, classes), np.float32)
             try:
                 published[frame.camera_id] = self._finish_frame(frame, found, probabilities)
-            except Exception:
+            except Exception as error:
                 # on_events (the caller's) failed: the frame's events are published already.
-                log.exception("camera %s: handling frame %d's events failed", frame.camera_id, frame.frame_index)
+                self.failures.log.error(
+                    (frame.camera_id, "on_events"),
+                    "camera %s: handling frame %d's events failed",
+                    frame.camera_id,
+                    frame.frame_index,
+                    exc_info=error,
+                )
         return published
+
+    def _alone(self, frames: Sequence[VideoFrame], stage: str) -> set[int]:
+        """The frames of cameras that failed this stage a moment ago: called on their own, not in the batch."""
+        return {index for index, frame in enumerate(frames) if self.failures.recently_failed(frame.camera_id, stage)}
 
     def _detect(self, frames: list[VideoFrame]) -> list[list[FaceDetection]]:
         return detect_frames(self.models.detector, [frame.image for frame in frames], self.models.detection_size)

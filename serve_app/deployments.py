@@ -324,6 +324,7 @@ class IngestDeployment:
             session = self.sessions.pop(camera_id, None)
         if session is not None:
             session.stop()
+            self.failures.forget_camera(camera_id)
             log.info("ingest %s: camera %s stopped", self.worker_id, camera_id)
 
 

@@ -47,6 +47,13 @@ def test_a_single_failing_unit_is_not_called_twice() -> None:
     assert model.calls == [[-2]]
 
 
+def test_units_marked_alone_are_never_batched_with_the_others() -> None:
+    model = FakeModel()
+    results = call_per_unit(model, [[1], [-1], [2], [3]], alone={1, 3})
+    assert results[0] == [2] and results[2] == [4] and results[3] == [6] and isinstance(results[1], UnitFailure)
+    assert model.calls == [[-1], [3], [1, 2]]  # the good ones share one call that nothing can spoil
+
+
 def test_nothing_to_do_calls_nothing() -> None:
     model = FakeModel()
     assert call_per_unit(model, [[], []]) == [[], []]
@@ -82,6 +89,19 @@ def test_frame_failures_count_per_camera_and_stage_and_log_rate_limited(caplog: 
     assert caplog.records[0].exc_info is not None  # the traceback of the first of its kind
     with pytest.raises(ValueError, match="unknown stage"):
         failures.record("thin", "decode", 0, ValueError("x"))
+
+
+def test_a_camera_that_failed_is_suspect_for_a_while() -> None:
+    now = [0.0]
+    failures = FrameFailures(PipelineMetrics(), logging.getLogger("test.isolation"), suspect_s=10.0, clock=lambda: now[0])
+    failures.record("thin", "detect", 0, ValueError("x"))
+    assert failures.recently_failed("thin", "detect") and not failures.recently_failed("thin", "classify")
+    assert not failures.recently_failed("good", "detect")
+    now[0] = 10.5
+    assert not failures.recently_failed("thin", "detect")
+    failures.record("thin", "detect", 1, ValueError("x"))
+    failures.forget_camera("thin")
+    assert not failures.recently_failed("thin", "detect")
 
 
 def test_describe_error_keeps_the_first_line_only() -> None:

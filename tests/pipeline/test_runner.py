@@ -174,8 +174,9 @@ def test_a_frame_the_detector_fails_on_costs_that_frame_only() -> None:
     assert [event.camera_id for event in sink.written] == ["good"] * 3
     assert failed(metrics, "thin", "detect") == 3 and failed(metrics, "good", "detect") is None
     assert metrics.registry.get_sample_value("ferstream_faces_detected_total", {"camera": "good"}) == 3
-    # Every batch: once together, then each frame alone.
-    assert pipeline.models.detector.batches == [2, 1, 1] * 3
+    # The first batch: once together, then each frame alone; after that the failing camera's
+    # frames are called alone from the start, so the good camera's batch runs once.
+    assert pipeline.models.detector.batches == [2, 1, 1] + [1, 1] * 2
     pipeline.publisher.close()
 
 
@@ -219,7 +220,9 @@ def test_removing_a_camera_removes_its_metric_series(tmp_path) -> None:
     pipeline.remove_camera("gone")
     exposition = generate_latest(metrics.registry).decode()
     assert 'camera="gone"' not in exposition and 'camera="kept"' in exposition
-    pipeline.close()
+    pipeline.close()  # a shutdown keeps the series for the last scrape and the exit summary
+    assert metrics.registry.get_sample_value("ferstream_frames_decoded_total", {"camera": "kept"}) == 10
+    assert metrics.registry.get_sample_value("ferstream_stream_up", {"camera": "kept"}) == 0
 
 
 def test_event_keys_do_not_repeat_when_a_camera_is_removed_and_added_again(tmp_path) -> None:
