@@ -111,6 +111,7 @@ class FrameFailures:
         self._clock = clock
         self._lock = threading.Lock()
         self._failed_at: dict[tuple[str, str], float] = {}
+        self._counts: dict[str, dict[str, int]] = {}
 
     def record(self, camera_id: str, stage: str, frame_index: int, error: BaseException) -> None:
         if stage not in FAILURE_STAGES:
@@ -118,6 +119,8 @@ class FrameFailures:
         self.metrics.frames_failed.labels(camera=camera_id, stage=stage).inc()
         with self._lock:
             self._failed_at[(camera_id, stage)] = self._clock()
+            per_stage = self._counts.setdefault(camera_id, {})
+            per_stage[stage] = per_stage.get(stage, 0) + 1
         description = describe_error(error)
         # With its traceback, at most once per REPEAT_LOG_INTERVAL_S for the same camera, stage and error.
         self.log.warning(
@@ -141,7 +144,13 @@ class FrameFailures:
             del self._failed_at[(camera_id, stage)]
             return False
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Frames lost so far, camera -> stage -> count (for an operator's view; the metric is the record)."""
+        with self._lock:
+            return {camera: dict(stages) for camera, stages in self._counts.items()}
+
     def forget_camera(self, camera_id: str) -> None:
         with self._lock:
+            self._counts.pop(camera_id, None)
             for key in [key for key in self._failed_at if key[0] == camera_id]:
                 del self._failed_at[key]

@@ -279,11 +279,11 @@ class IngestDeployment:
             raise RuntimeError("the camera reconciler thread died")
 
     def describe(self) -> dict[str, Any]:
-        """This replica's cameras and live ferstream threads (for operators and the tests)."""
+        """This replica's cameras, live ferstream threads and frames lost per camera and stage (for operators and the tests)."""
         with self._lock:
             cameras = sorted(self.sessions)
         threads = sorted(t.name for t in threading.enumerate() if t.name.startswith("ferstream-") and t.name != "ferstream-reconciler")
-        return {"worker_id": self.worker_id, "cameras": cameras, "threads": threads}
+        return {"worker_id": self.worker_id, "cameras": cameras, "threads": threads, "frames_failed": self.failures.counts()}
 
     def __del__(self) -> None:
         self._stop.set()

@@ -228,8 +228,8 @@ class EventSubscriber:
         for stream in self.streams:
             self._count_trimmed_unread(stream)
         claimed = self.claim_idle(count) if self.claim_idle_ms is not None else []
-        if any(cursor != "0-0" for cursor in self._claim_cursor.values()):
-            self._next_maintenance = self._clock()  # more to claim: go on at the next read
+        if len(claimed) >= count or any(cursor != "0-0" for cursor in self._claim_cursor.values()):
+            self._next_maintenance = self._clock()  # maybe more to claim: go on at the next read
         else:
             self._next_maintenance = self._clock() + self.maintenance_interval_s
         return claimed
@@ -245,7 +245,8 @@ class EventSubscriber:
         for stream in self.streams:
             if len(messages) >= want:
                 break
-            reply = self.client.xautoclaim(stream, self.group, self.consumer, idle_ms, start_id=self._claim_cursor[stream], count=want)
+            cursor = self._claim_cursor[stream]
+            reply = self.client.xautoclaim(stream, self.group, self.consumer, idle_ms, start_id=cursor, count=want - len(messages))
             next_cursor, entries = _text(reply[0]), reply[1] or []
             # Redis >= 7 removes pending ids whose entries were trimmed and lists them third.
             deleted = reply[2] if len(reply) > 2 else []

@@ -81,6 +81,7 @@ def test_frame_failures_count_per_camera_and_stage_and_log_rate_limited(caplog: 
     assert value("ferstream_frames_failed_total", {"camera": "thin", "stage": "detect"}) == 3
     assert value("ferstream_frames_failed_total", {"camera": "good", "stage": "publish"}) == 1
     assert value("ferstream_frames_failed_total", {"camera": "good", "stage": "detect"}) is None
+    assert failures.counts() == {"thin": {"detect": 3}, "good": {"publish": 1}}
     lines = [record.getMessage() for record in caplog.records]
     assert lines == [
         "camera thin: frame 0 lost in detect: ValueError: torch.cat(): expected a non-empty list of Tensors",
@@ -101,7 +102,7 @@ def test_a_camera_that_failed_is_suspect_for_a_while() -> None:
     assert not failures.recently_failed("thin", "detect")
     failures.record("thin", "detect", 1, ValueError("x"))
     failures.forget_camera("thin")
-    assert not failures.recently_failed("thin", "detect")
+    assert not failures.recently_failed("thin", "detect") and failures.counts() == {}
 
 
 def test_describe_error_keeps_the_first_line_only() -> None:
