@@ -5,7 +5,7 @@
 - ``publisher``: ``EventPublisher``, transport-neutral buffering, ordering and retry.
 - ``sink``: the ``EventSink`` interface a transport implements; ``sinks.build_sink`` picks one from the config.
 - ``redis_sink``: Redis Streams (the default); ``jsonl_sink``: JSON lines to a file or stdout.
-- ``readers``: ``EventSubscriber`` and ``tail`` on the Redis streams.
+- ``readers``: ``EventSubscriber`` (consumer groups, claiming of dead consumers' entries, trimming losses counted) and ``tail``.
 """
 
 from pipeline.events.jsonl_sink import JsonLinesSink
