@@ -235,10 +235,10 @@ class CameraSession:
             # One request per face: the classifier's @serve.batch groups faces across all frames.
             responses = [self.classifier.classify.remote(crop) for crop in crops]
             rows = [response.result(timeout_s=MODEL_CALL_TIMEOUT_S) for response in responses]
+            probabilities = np.stack(rows) if rows else np.zeros((0, len(self.metadata.classes)), np.float32)
         except Exception as error:
             self.failures.record(camera_id, "classify", frame.frame_index, error)
             return
-        probabilities = np.stack(rows) if rows else np.zeros((0, len(self.metadata.classes)), np.float32)
         self.analyzer.analyze(frame, detections, probabilities)
 
 

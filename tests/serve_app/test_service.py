@@ -156,6 +156,28 @@ def test_a_camera_the_detector_fails_on_does_not_stop_the_good_one(service, came
         thin.stop()
 
 
+def test_event_keys_stay_unique_when_a_camera_is_deleted_and_added_again(service, camera_server):
+    body = {"id": "again", "url": camera_server.url, "fps": 5, "options": FAST_RECONNECT}
+    try:
+        for start in range(2):
+            count = service.event_count("again")
+            assert service.post_stream(body).status_code == 201
+            service.wait_until(lambda count=count: service.event_count("again") >= count + 10, 120, f"events of start {start + 1}")
+            assert requests.delete(f"{service.api}/streams/again", timeout=10).status_code == 204
+            service.wait_until(lambda: "again" not in service.ingest()["cameras"], 30, "the camera to stop")
+    finally:
+        requests.delete(f"{service.api}/streams/again", timeout=10)
+    events = service.events("again")  # the stream keeps both starts' events
+    runs = [event.run_id for event in events]
+    assert len(set(runs)) == 2 and runs == sorted(runs, key=runs.index)  # one run after the other
+    keys = [(event.camera_id, event.run_id, event.frame_index, event.track_id) for event in events]
+    assert len(set(keys)) == len(keys)
+    first_frames = {event.frame_index for event in events if event.run_id == runs[0]}
+    second_frames = {event.frame_index for event in events if event.run_id == runs[-1]}
+    # Frame indices start again with each start, so without run_id these keys could repeat.
+    assert min(second_frames) < max(first_frames)
+
+
 def test_removing_cameras_stops_their_decoding_without_leaks(service):
     service.wait_until(lambda: set(service.ingest()["cameras"]) == {"lobby", "broken"}, 30, "both cameras on the ingest replica")
     for camera_id in ("broken", "lobby"):
