@@ -59,9 +59,10 @@ class TrackSummary:
         self.events_total += 1
         self.tracks_total.add((seen.camera_id, seen.track_id))
 
-    def lines(self, now: float) -> list[TrackLine]:
-        """One line per track with events in the last ``window_s`` seconds, by camera then track."""
-        while self._window and self._window[0].at <= now - self.window_s:
+    def lines(self, now: float, since: float | None = None) -> list[TrackLine]:
+        """One line per track with events in the last ``window_s`` seconds (or from ``since`` on), by camera then track."""
+        start = now - self.window_s if since is None else since
+        while self._window and self._window[0].at < start:
             self._window.popleft()
         emotions: dict[tuple[str, int], Counter[str]] = {}
         latest: dict[tuple[str, int], _Seen] = {}
@@ -81,8 +82,8 @@ class TrackSummary:
 class SummaryPrinter:
     """Feeds events to a ``TrackSummary`` and writes its lines to ``out`` every ``interval_s`` seconds.
 
-    The summary covers the same ``interval_s`` seconds it reports on, so consecutive reports do
-    not overlap. The first report comes ``interval_s`` after the printer was made.
+    Each report covers the events since the previous one, so consecutive reports neither overlap
+    nor leave gaps. The first report comes ``interval_s`` after the printer was made.
     """
 
     def __init__(self, interval_s: float, out: TextIO, clock: Callable[[], float] = time.monotonic, prefix: str = "summary") -> None:
@@ -91,7 +92,7 @@ class SummaryPrinter:
         self.out = out
         self.prefix = prefix
         self._clock = clock
-        self._next_report = clock() + interval_s
+        self._last_report = clock()
 
     def observe(self, event: Mapping[str, Any]) -> None:
         self.summary.add(event, self._clock())
@@ -99,10 +100,12 @@ class SummaryPrinter:
     def report_if_due(self) -> bool:
         """Write the lines when ``interval_s`` has passed since the last report; True when it wrote."""
         now = self._clock()
-        if now < self._next_report:
+        if now < self._last_report + self.interval_s:
             return False
-        self._next_report = now + self.interval_s
-        lines = self.summary.lines(now)
+        # From the last report on, not a fixed window back: reports come a little late (on the next
+        # frame or read), and a fixed window would then lose the events just after the last one.
+        lines = self.summary.lines(now, since=self._last_report)
+        self._last_report = now
         if not lines:
             self.out.write(f"{self.prefix}: no faces in the last {self.interval_s:g} s\n")
         for line in lines:
