@@ -92,18 +92,21 @@ def _run_pipeline(args: argparse.Namespace, config: PipelineConfig) -> int:
     print("\n".join(banner), file=sys.stderr, flush=True)
     printer = SummaryPrinter(summary_every, sys.stderr) if summary_every > 0 else None
 
+    tracks: set[tuple[str, int]] = set()  # for the closing line, with or without a summary
+
     def on_events(camera_id: str, events: list[ExpressionEvent]) -> None:
         for event in events:
-            record = event.to_json_dict()
-            if args.print_events:
-                print(json.dumps(record, separators=(",", ":")), flush=True)
-            if printer is not None:
-                printer.observe(record)
+            tracks.add((camera_id, event.track_id))
+            if args.print_events or printer is not None:
+                record = event.to_json_dict()
+                if args.print_events:
+                    print(json.dumps(record, separators=(",", ":")), flush=True)
+                if printer is not None:
+                    printer.observe(record)
         if printer is not None:
             printer.report_if_due()
 
-    watching = args.print_events or printer is not None
-    pipeline = StreamPipeline(config, metrics, models, publisher, on_events=on_events if watching else None)
+    pipeline = StreamPipeline(config, metrics, models, publisher, on_events=on_events)
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
@@ -111,7 +114,7 @@ def _run_pipeline(args: argparse.Namespace, config: PipelineConfig) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    statuses = []
+    statuses: list[SourceStatus] = []
     try:
         for camera in config.cameras:
             pipeline.add_camera(camera)
@@ -120,7 +123,7 @@ def _run_pipeline(args: argparse.Namespace, config: PipelineConfig) -> int:
         publisher.close(args.close_timeout)  # pipeline.close() closes it again, which does nothing
     finally:
         pipeline.close()
-    totals = run_totals(metrics, statuses, printer.summary.tracks_total if printer is not None else None)
+    totals = run_totals(metrics, statuses, tracks)
     code = run_exit_code(statuses, totals.events_lost)
     print(f"ferstream run: {totals.format()}", file=sys.stderr)
     if code == ExitCode.NO_CAMERA_WORKED:
@@ -140,7 +143,7 @@ def _sample_sum(metrics: PipelineMetrics, name: str, **labels: str) -> float:
     return total
 
 
-def run_totals(metrics: PipelineMetrics, statuses: Sequence[SourceStatus], tracks: set[tuple[str, int]] | None) -> RunTotals:
+def run_totals(metrics: PipelineMetrics, statuses: Sequence[SourceStatus], tracks: set[tuple[str, int]]) -> RunTotals:
     return RunTotals(
         frames_decoded=sum(status.frames_decoded for status in statuses),
         frames_processed=int(_sample_sum(metrics, "ferstream_frames_processed_total")),
@@ -149,7 +152,7 @@ def run_totals(metrics: PipelineMetrics, statuses: Sequence[SourceStatus], track
         events_published=int(_sample_sum(metrics, "ferstream_events_published_total")),
         # Both are events that never reached the sink: left over at close, or pushed out of a full outage buffer.
         events_lost=int(_sample_sum(metrics, "ferstream_events_dropped_total")),
-        tracks=len(tracks) if tracks is not None else 0,
+        tracks=len(tracks),
     )
 
 

@@ -52,6 +52,10 @@ def test_run_prints_events_that_reach_redis_and_tail_reads_them(redis_server, sh
     for event in printed:
         validate_event_dict(event)
         assert event["camera_id"] == "lobby"
+    # The closing line adds up what was printed; the banner came first and said where the events go.
+    closing = run.stderr.splitlines()[-1]
+    assert closing.endswith(f"{len(printed)} events delivered, 0 lost; {len({event['track_id'] for event in printed})} tracks"), closing
+    assert run.stderr.index("ferstream run:\n  camera    lobby: ") < run.stderr.index("summary: camera lobby track ")
 
     tail = ferstream("tail", "--camera", "lobby", "--redis-url", redis_server.url, "--from-start", "--count", str(len(printed)), timeout=60)
     assert tail.returncode == 0, tail.stderr[-2000:]
