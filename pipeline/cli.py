@@ -25,7 +25,7 @@ from pipeline.config import (
     load_config,
     parse_config,
 )
-from pipeline.redis_check import RedisUnreachable, check_redis, redis_address
+from pipeline.redis_check import RedisUnreachable, check_redis, redis_address, unreachable
 from pipeline.summary import RunTotals
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ def _tail(args: argparse.Namespace) -> int:
     try:
         tail(args.redis_url, args.prefix, args.camera, args.from_start, args.count, out, block_ms=block_ms, client=client)
     except RETRYABLE_ERRORS as error:
-        raise RedisUnreachable(f"lost Redis at {redis_address(args.redis_url)}: {error}") from None
+        raise unreachable(args.redis_url, error, password, what="lost") from None
     finally:
         client.close()
         if printer is not None:

@@ -39,16 +39,21 @@ def _reason(error: BaseException, secrets: list[str]) -> str:
     return text
 
 
+def unreachable(url: str, error: BaseException, password: str | None = None, what: str = "cannot reach") -> RedisUnreachable:
+    """The one-line error for a Redis failure: ``<what> Redis at host:port: <reason>``, any password masked."""
+    secrets = [secret for secret in (password, urlsplit(url).password) if secret]
+    return RedisUnreachable(f"{what} Redis at {redis_address(url)}: {_reason(error, secrets)}")
+
+
 def check_redis(url: str, password: str | None = None, timeout_s: float = 2.0) -> None:
     """Raise ``RedisUnreachable`` unless the Redis at ``url`` answers ``PING`` within ``timeout_s``."""
-    secrets = [secret for secret in (password, urlsplit(url).password) if secret]
     try:
         client = redis_client(url, timeout_s, password)
     except (ValueError, redis.RedisError) as error:  # a URL redis-py cannot parse
-        raise RedisUnreachable(f"cannot reach Redis at {redis_address(url)}: {_reason(error, secrets)}") from None
+        raise unreachable(url, error, password) from None
     try:
         client.ping()
     except RETRYABLE_ERRORS as error:
-        raise RedisUnreachable(f"cannot reach Redis at {redis_address(url)}: {_reason(error, secrets)}") from None
+        raise unreachable(url, error, password) from None
     finally:
         client.close()

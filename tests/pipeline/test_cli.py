@@ -134,3 +134,22 @@ def test_tail_reads_url_and_password_from_the_environment_and_summarises_at_exit
     assert json.loads(line)["track_id"] == 4
     assert tail.stderr.splitlines()[-1] == "ferstream tail: 1 events, 1 tracks"
     assert "s3cret-pw" not in tail.stderr + without.stderr
+
+
+def test_tail_says_in_one_line_when_redis_goes_away(redis_server):
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("FERSTREAM_REDIS_")}
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "tail", "--camera", "door", "--redis-url", redis_server.url],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
+    )  # fmt: skip
+    try:
+        assert tail.stderr is not None
+        assert tail.stderr.readline().startswith("ferstream tail: events of camera door")  # connected and reading
+        redis_server.stop()
+        _out, err = tail.communicate(timeout=60)
+    finally:
+        tail.kill()
+    assert tail.returncode == 1
+    # The closing count first (tail's own finally), then the error: the last line says why it stopped.
+    assert re.fullmatch(rf"ferstream tail: 0 events, 0 tracks\nerror: lost Redis at 127.0.0.1:{redis_server.port}: [^\n]+\n", err), err
+    assert "Traceback" not in err
