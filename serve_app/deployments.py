@@ -38,7 +38,6 @@ from pipeline.events import EventPublisher, redis_client
 from pipeline.metrics import PipelineMetrics
 from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
 from pipeline.sources import CameraSource, redact_url
-from pipeline.warmup import warm_up_classifier, warm_up_detector
 
 log = logging.getLogger("ferstream.serve")
 
@@ -109,6 +108,8 @@ class FaceDetectorDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         pipeline_config = load_pipeline_config(config, "FaceDetector")
         self.detector = build_detector(pipeline_config.detector)
+        from pipeline.warmup import warm_up_detector  # here, not at the top: keeps the import block as other branches edit it
+
         warm_up_detector(self.detector, pipeline_config.detector.detection_size)  # before the first camera frame
         self.metrics = replica_metrics()
         self.batch_wait = BusyAwareBatchWait(BatchingOptions().batch_wait_timeout_s)
@@ -129,6 +130,8 @@ class ExpressionClassifierDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         pipeline_config = load_pipeline_config(config, "ExpressionClassifier")
         self.classifier = ExpressionClassifier(pipeline_config.classifier)
+        from pipeline.warmup import warm_up_classifier
+
         warm_up_classifier(self.classifier)  # before the first face
         self.metrics = replica_metrics()
         self.batch_wait = BusyAwareBatchWait(BatchingOptions().batch_wait_timeout_s)
