@@ -24,7 +24,7 @@ def test_the_banner_names_source_detector_model_streams_metrics_and_how_to_stop(
     text = "\n".join(lines)
     assert "door: rtsp://admin:***@10.0.0.12/stream1 (rtsp, at most 5 frames/s)" in text
     assert "clip: /tmp/clip.mp4 (file, every frame); loops at its end, and each pass starts new track ids" in text
-    assert "mtcnn on cpu" in text and "compact-v2-e054 (torch on cpu)" in text
+    assert f"{PipelineConfig().detector.kind} on cpu, frames downscaled to" in text and "compact-v2-e054 (torch on cpu)" in text
     assert "Redis cache:6380, streams ferstream:events:door, ferstream:events:clip" in text
     assert "http://127.0.0.1:9108/metrics" in text and "every 5 s" in text and "Ctrl-C" in text
     assert "hunter2" not in text and "redispw" not in text
