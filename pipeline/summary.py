@@ -9,6 +9,7 @@ and ``tail`` share them. No Ray, no Redis: clocks are injected and tests drive t
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections import Counter, deque
@@ -114,11 +115,12 @@ class SummaryPrinter:
         return True
 
 
-class SummarizingWriter:
+class SummarizingWriter(io.TextIOBase):
     """A text stream for ``pipeline.events.tail``: passes the JSON lines through to ``out`` and
     shows each event to ``printer``, which reports when due (``tail`` flushes after every read)."""
 
     def __init__(self, out: TextIO, printer: SummaryPrinter) -> None:
+        super().__init__()
         self.out = out
         self.printer = printer
         self._partial = ""
