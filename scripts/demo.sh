@@ -40,13 +40,38 @@ for _ in $(seq 300); do
 done
 curl -fsS "$api/healthz" >/dev/null || { echo "demo: the app did not become healthy" >&2; exit 1; }
 
+source_text="../shared/media/head-pose-face-detection-female-and-male.mp4 (configs/cameras.yaml), a 4.5 s clip looped at 5 frames/s;
+             each pass through the clip starts new track ids"
 if [ $# -gt 0 ]; then
   camera=cam0
-  curl -fsS -X POST "$api/streams" -H 'content-type: application/json' \
+  # The API needs a bearer token when the app has any (FERSTREAM_API_TOKENS in this environment; SECURITY.md).
+  auth=()
+  [ -n "${FERSTREAM_API_TOKENS:-}" ] && auth=(-H "Authorization: Bearer ${FERSTREAM_API_TOKENS%%,*}")
+  curl -fsS -X POST "$api/streams" "${auth[@]}" -H 'content-type: application/json' \
     -d "{\"id\": \"$camera\", \"url\": \"$1\", \"fps\": 5, \"loop\": true}" >&2 || true
   echo >&2
+  source_text="$(printf '%s' "$1" | sed -E 's#(://[^:/@]*):[^@/]*@#\1:***@#'), added through POST /streams, at most 5 frames/s"
 fi
-echo "demo: events of camera '$camera' (Ctrl-C to stop); streams: curl $api/streams" >&2
+models_text="$(python - <<'PY'
+from pipeline.config import load_config
+
+config = load_config("configs/pipeline.yaml")
+model = config.classifier.checkpoint or "the expression model shipped with ferstream"
+print(f"face detector {config.detector.kind}, {model} (configs/pipeline.yaml)")
+PY
+)"
+stop_text="Ctrl-C: stops the app, and the redis-server if this demo started it"
+[ -n "${FERSTREAM_DEMO_SECONDS:-}" ] && stop_text="after ${FERSTREAM_DEMO_SECONDS} s (FERSTREAM_DEMO_SECONDS), or $stop_text"
+cat >&2 <<BANNER
+demo: running
+  camera     $camera: $source_text
+  models     $models_text, warmed up before the first frame
+  API        $api  (curl $api/streams: each camera's state, measured fps, drops, reconnects, last error)
+  events     Redis 127.0.0.1:$redis_port, stream ferstream:events:$camera, printed below by \`ferstream tail\`:
+             one JSON line per face per processed frame, and every 5 s one summary line per track
+  metrics    ray_ferstream_* through Ray's metrics agent (README: Metrics under Serve); app logs in .demo/serve.log
+  stop       $stop_text
+BANNER
 if [ -n "${FERSTREAM_DEMO_SECONDS:-}" ]; then
   timeout --signal INT "$FERSTREAM_DEMO_SECONDS" ferstream tail --camera "$camera" --redis-url "$FERSTREAM_REDIS_URL" || true
 else

@@ -130,6 +130,9 @@ class FaceDetectorDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         pipeline_config = load_pipeline_config(config, "FaceDetector")
         self.detector = build_detector(pipeline_config.detector)
+        from pipeline.warmup import warm_up_detector  # here, not at the top: keeps the import block as other branches edit it
+
+        warm_up_detector(self.detector, pipeline_config.detector.detection_size)  # before the first camera frame
         self.metrics = replica_metrics()
         self.batch_wait = BusyAwareBatchWait(BatchingOptions().batch_wait_timeout_s)
 
@@ -149,6 +152,9 @@ class ExpressionClassifierDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         pipeline_config = load_pipeline_config(config, "ExpressionClassifier")
         self.classifier = ExpressionClassifier(pipeline_config.classifier)
+        from pipeline.warmup import warm_up_classifier
+
+        warm_up_classifier(self.classifier)  # before the first face
         self.metrics = replica_metrics()
         self.batch_wait = BusyAwareBatchWait(BatchingOptions().batch_wait_timeout_s)
 

@@ -79,3 +79,8 @@ class RedisServer:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def redis_server_requires_password(port: int, password: str) -> None:
+    """Turn AUTH on in a running redis-server (CONFIG SET requirepass), as a secured deployment has it."""
+    subprocess.run(["redis-cli", "-p", str(port), "CONFIG", "SET", "requirepass", password], check=True, capture_output=True, timeout=10)

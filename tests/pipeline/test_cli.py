@@ -1,18 +1,31 @@
 """The `ferstream` command as users run it: a real process, a real redis-server, a shared clip."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from pipeline.cli import main
-from pipeline.events import validate_event_dict
+from pipeline.config import EventsConfig
+from pipeline.events import RedisStreamSink, validate_event_dict
+from tests.pipeline.events.helpers import make_event
+from tests.support import free_port, redis_server_requires_password
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def ferstream(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def ferstream(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("FERSTREAM_REDIS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**environ, **(env or {})},
+    )
 
 
 def test_a_bad_config_fails_at_start_with_the_field_named(tmp_path, capsys):
@@ -39,6 +52,10 @@ def test_run_prints_events_that_reach_redis_and_tail_reads_them(redis_server, sh
     for event in printed:
         validate_event_dict(event)
         assert event["camera_id"] == "lobby"
+    # The closing line adds up what was printed; the banner came first and said where the events go.
+    closing = run.stderr.splitlines()[-1]
+    assert closing.endswith(f"{len(printed)} events delivered, 0 lost; {len({event['track_id'] for event in printed})} tracks"), closing
+    assert run.stderr.index("ferstream run:\n  camera    lobby: ") < run.stderr.index("summary: camera lobby track ")
 
     tail = ferstream("tail", "--camera", "lobby", "--redis-url", redis_server.url, "--from-start", "--count", str(len(printed)), timeout=60)
     assert tail.returncode == 0, tail.stderr[-2000:]
@@ -63,3 +80,76 @@ def test_eval_output_help_says_where_the_png_goes():
     output = next(action for action in get_args_parser()._actions if "--output" in action.option_strings)
     shipped = default_plot_path(default_checkpoint_path())
     assert str(shipped).replace(str(Path.home()), "~") in output.help
+
+
+def test_run_exits_3_when_its_only_camera_cannot_be_opened(redis_server, tmp_path):
+    run = ferstream("run", "--config", "configs/demo.yaml", "--source", str(tmp_path / "missing.mp4"), "--redis-url", redis_server.url)
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert "No such file or directory" in run.stderr and "no camera worked (exit 3)" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_run_exits_4_when_it_closes_with_events_undelivered(shared_clips):
+    clip = shared_clips["face-demographics-walking-and-pause"]
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    run = ferstream(
+        "run", "--config", "configs/demo.yaml", "--source", str(clip), "--loop", "--redis-url", nobody, "--start-without-redis",
+        "--close-timeout", "0.2", "--print-events", "--max-seconds", "15",
+    )  # fmt: skip
+    assert run.returncode == 4, run.stderr[-2000:]
+    printed = len(run.stdout.splitlines())
+    assert printed > 0, run.stderr[-2000:]
+    # Every printed event was lost: none reached a Redis that was never there.
+    assert f"0 events delivered, {printed} lost" in run.stderr, run.stderr[-2000:]
+    assert f"{printed} events were not delivered (exit 4)" in run.stderr
+
+
+def test_run_with_redis_unreachable_fails_at_start_in_one_line_without_the_password():
+    port = free_port()
+    run = ferstream("run", "--config", "configs/demo.yaml", "--redis-url", f"redis://:hunter2@127.0.0.1:{port}/0", timeout=60)
+    assert run.returncode == 1
+    assert run.stderr == f"error: cannot reach Redis at 127.0.0.1:{port}: Connection refused\n"
+
+
+def test_tail_with_redis_unreachable_fails_in_one_line():
+    port = free_port()
+    tail = ferstream("tail", "--camera", "door", timeout=60, env={"FERSTREAM_REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+    assert tail.returncode == 1
+    assert tail.stderr == f"error: cannot reach Redis at 127.0.0.1:{port}: Connection refused\n"
+
+
+def test_tail_reads_url_and_password_from_the_environment_and_summarises_at_exit(redis_server):
+    redis_server_requires_password(redis_server.port, "s3cret-pw")
+    sink = RedisStreamSink(EventsConfig(redis_url=redis_server.url, password="s3cret-pw"))
+    sink.write([make_event(camera_id="door", track_id=4, emotion="happy")])
+    sink.close()
+    args = ("tail", "--camera", "door", "--from-start", "--count", "1")
+    without = ferstream(*args, timeout=60, env={"FERSTREAM_REDIS_URL": redis_server.url})
+    assert without.returncode == 1 and re.fullmatch(
+        rf"error: cannot reach Redis at 127.0.0.1:{redis_server.port}: .*auth.*\n", without.stderr, re.I
+    )
+    tail = ferstream(*args, timeout=60, env={"FERSTREAM_REDIS_URL": redis_server.url, "FERSTREAM_REDIS_PASSWORD": "s3cret-pw"})
+    assert tail.returncode == 0, tail.stderr
+    [line] = tail.stdout.splitlines()
+    assert json.loads(line)["track_id"] == 4
+    assert tail.stderr.splitlines()[-1] == "ferstream tail: 1 events, 1 tracks"
+    assert "s3cret-pw" not in tail.stderr + without.stderr
+
+
+def test_tail_says_in_one_line_when_redis_goes_away(redis_server):
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("FERSTREAM_REDIS_")}
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "tail", "--camera", "door", "--redis-url", redis_server.url],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ,
+    )  # fmt: skip
+    try:
+        assert tail.stderr is not None
+        assert tail.stderr.readline().startswith("ferstream tail: events of camera door")  # connected and reading
+        redis_server.stop()
+        _out, err = tail.communicate(timeout=60)
+    finally:
+        tail.kill()
+    assert tail.returncode == 1
+    # The closing count first (tail's own finally), then the error: the last line says why it stopped.
+    assert re.fullmatch(rf"ferstream tail: 0 events, 0 tracks\nerror: lost Redis at 127.0.0.1:{redis_server.port}: [^\n]+\n", err), err
+    assert "Traceback" not in err
