@@ -29,8 +29,8 @@ DETECTORS: dict[str, DetectorConfig | BlazeFaceConfig] = {
     "mtcnn": DetectorConfig(kind="mtcnn"),
     "blazeface full_range, whole frame": BlazeFaceConfig(model="full_range", tiles=(1, 1)),
     "blazeface back, whole frame": BlazeFaceConfig(model="back", tiles=(1, 1)),
-    "blazeface full_range + 2x1 tiles (default)": BlazeFaceConfig(),
-    "blazeface full_range + 2x2 tiles": BlazeFaceConfig(tiles=(2, 2)),
+    "blazeface full_range + 2x1 full_range tiles": BlazeFaceConfig(model="full_range", tiles=(2, 1)),
+    "blazeface back + 2x1 full_range tiles (default)": BlazeFaceConfig(),
 }
 
 

