@@ -44,8 +44,12 @@ class CameraAnalyzer:
         metrics: PipelineMetrics,
         failures: FrameFailures | None = None,
         run_id: str | None = None,
+        detection_interval: int = 1,
     ) -> None:
         self.camera_id = camera_id
+        self.detection_interval = detection_interval
+        self._frames_until_detection = 0
+        self._next_frame_carried = False
         # One analyzer per start of the camera, so a new run_id per start: frame_index and track_id
         # start again with the run, and (camera_id, run_id, frame_index, track_id) stays unique.
         self.run_id = run_id if run_id is not None else new_run_id()
@@ -56,6 +60,18 @@ class CameraAnalyzer:
         self.metrics = metrics
         self.failures = failures if failures is not None else FrameFailures(metrics, log)
 
+    def detection_due(self) -> bool:
+        """Whether this camera's next processed frame goes through the detector (every
+        ``detection_interval``-th frame); call it once per frame. A frame without detection uses
+        :meth:`carried_detections`."""
+        due = self._frames_until_detection == 0
+        self._frames_until_detection = (self._frames_until_detection - 1) % self.detection_interval
+        self._next_frame_carried = not due
+        return due
+
+    def carried_detections(self) -> list[FaceDetection]:
+        return self.tracker.carried_detections()
+
     def analyze(self, frame: VideoFrame, detections: Sequence[FaceDetection], probabilities: np.ndarray) -> list[ExpressionEvent]:
         """Track one frame's faces and publish their events; returns the events the policy emitted.
 
@@ -64,7 +80,7 @@ class CameraAnalyzer:
         """
         started = time.perf_counter()
         try:
-            update = self.tracker.update(detections, probabilities)
+            update = self.tracker.update(detections, probabilities, carried=self._next_frame_carried)
             events = [self._event(frame, face) for face in update.faces]
         except Exception as error:
             self.failures.record(self.camera_id, "track", frame.frame_index, error)

@@ -107,6 +107,15 @@ class BaseDetectorConfig(StrictModel):
     detection_size: int = Field(640, ge=64, le=4096, description="longest side frames are downscaled to")
     min_face_size: int = Field(20, ge=8, le=4096, description="in detection-size pixels")
     device: Literal["cpu", "cuda"] = "cpu"
+    interval: int = Field(
+        1,
+        ge=1,
+        le=30,
+        description=(
+            "detect on every Nth processed frame of a camera (DeepStream's interval); in between, each track's box moves "
+            "on at its last velocity and is classified as usual; 1: detect on every frame"
+        ),
+    )
 
 
 class DetectorConfig(BaseDetectorConfig):

@@ -79,6 +79,7 @@ class StreamPipeline:
                 self.publisher,
                 self.metrics,
                 self.failures,
+                detection_interval=self.config.detector.interval,
             )
         source.start()
         log.info("camera %s: added (%s)", source_config.camera_id, source_config.url)
@@ -141,20 +142,20 @@ class StreamPipeline:
         out; the other frames of the batch go on (``pipeline.isolation``).
         """
         stage = self.metrics.stage_latency
-        started = time.perf_counter()
-        detected = call_per_unit(self._detect, [[frame] for frame in frames], self._alone(frames, "detect"))
-        stage.labels(stage="detect").observe(time.perf_counter() - started)
-        self.metrics.batch_size.labels(stage="detect").observe(len(frames))
-
-        found_in: list[tuple[VideoFrame, list[FaceDetection]]] = []
-        for frame, result in zip(frames, detected, strict=True):
-            if isinstance(result, UnitFailure):
-                self.failures.record(frame.camera_id, "detect", frame.frame_index, result.error)
-            else:
-                found_in.append((frame, result[0]))
+        to_detect, found_in = self._by_detection_schedule(frames)
+        if to_detect:
+            started = time.perf_counter()
+            detected = call_per_unit(self._detect, [[frame] for frame in to_detect], self._alone(to_detect, "detect"))
+            stage.labels(stage="detect").observe(time.perf_counter() - started)
+            self.metrics.batch_size.labels(stage="detect").observe(len(to_detect))
+            for frame, result in zip(to_detect, detected, strict=True):
+                if isinstance(result, UnitFailure):
+                    self.failures.record(frame.camera_id, "detect", frame.frame_index, result.error)
+                else:
+                    self.metrics.faces_detected.labels(camera=frame.camera_id).inc(len(result[0]))
+                    found_in.append((frame, result[0]))
         crops_of: list[tuple[VideoFrame, list[FaceDetection], list[np.ndarray]]] = []
         for frame, found in found_in:
-            self.metrics.faces_detected.labels(camera=frame.camera_id).inc(len(found))
             try:
                 crops_of.append((frame, found, self.models.classifier.crop(frame.image, found)))
             except Exception as error:
@@ -189,6 +190,18 @@ class StreamPipeline:
                     exc_info=error,
                 )
         return published
+
+    def _by_detection_schedule(self, frames: Sequence[VideoFrame]) -> tuple[list[VideoFrame], list[tuple[VideoFrame, list[FaceDetection]]]]:
+        """The frames due for detection, and the others with their tracks' carried boxes (``detector.interval``)."""
+        with self._lock:
+            analyzers = [self._analyzers.get(frame.camera_id) for frame in frames]
+        to_detect, carried = [], []
+        for frame, analyzer in zip(frames, analyzers, strict=True):
+            if analyzer is None or analyzer.detection_due():
+                to_detect.append(frame)
+            else:
+                carried.append((frame, analyzer.carried_detections()))
+        return to_detect, carried
 
     def _alone(self, frames: Sequence[VideoFrame], stage: str) -> set[int]:
         """The frames of cameras that failed this stage a moment ago: called on their own, not in the batch."""

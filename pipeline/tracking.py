@@ -29,10 +29,17 @@ def iou(a: Box, b: Box) -> float:
 @dataclass
 class Track:
     track_id: int
-    box: Box
+    detection: FaceDetection
     probabilities: np.ndarray
     hits: int = 1
     missed: int = 0
+    velocity: tuple[float, float] = (0.0, 0.0)  # box centre, pixels per frame, between the last two detections
+    detected_box: Box | None = None  # the last box the detector gave (not a carried one)
+    frames_since_detected: int = 0
+
+    @property
+    def box(self) -> Box:
+        return self.detection.box
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,9 @@ class IoUTracker:
     def active_track_ids(self) -> list[int]:
         return sorted(self._tracks)
 
-    def update(self, detections: Sequence[FaceDetection], probabilities: np.ndarray) -> TrackUpdate:
-        """Associate this frame's detections (with their raw probabilities) to tracks."""
+    def update(self, detections: Sequence[FaceDetection], probabilities: np.ndarray, carried: bool = False) -> TrackUpdate:
+        """Associate this frame's detections (with their raw probabilities) to tracks. ``carried``: the
+        detections are :meth:`carried_detections` (a frame without detection), so they teach no velocity."""
         if len(detections) != len(probabilities):
             raise ValueError(f"{len(detections)} detections but {len(probabilities)} probability rows")
         matches = self._match(detections)
@@ -72,12 +80,18 @@ class IoUTracker:
             raw = np.asarray(probabilities[index], dtype=np.float32)
             track_id = matches.get(index)
             if track_id is None:
-                track = Track(track_id=self._next_id, box=detection.box, probabilities=raw.copy())
+                track = Track(track_id=self._next_id, detection=detection, probabilities=raw.copy(), detected_box=detection.box)
                 self._tracks[track.track_id] = track
                 self._next_id += 1
             else:
                 track = self._tracks[track_id]
-                track.box = detection.box
+                track.frames_since_detected += 1
+                if not carried:
+                    # Per frame over the frames since the last detection (detector.interval carries boxes between).
+                    dx, dy = _centre_shift(track.detected_box or track.box, detection.box)
+                    track.velocity = (dx / track.frames_since_detected, dy / track.frames_since_detected)
+                    track.detected_box, track.frames_since_detected = detection.box, 0
+                track.detection = detection
                 track.probabilities = alpha * raw + (1.0 - alpha) * track.probabilities
                 track.hits += 1
                 track.missed = 0
@@ -92,6 +106,11 @@ class IoUTracker:
                 del self._tracks[track_id]
                 ended.append(track_id)
         return TrackUpdate(faces=faces, ended_track_ids=ended)
+
+    def carried_detections(self) -> list[FaceDetection]:
+        """Where the faces seen in the last frame are now, for a frame without detection: each box (and its
+        landmarks) moved on by its track's last velocity. A face that was not seen last frame is not carried."""
+        return [_shifted(track.detection, track.velocity) for track in self._tracks.values() if track.missed == 0]
 
     def _match(self, detections: Sequence[FaceDetection]) -> dict[int, int]:
         """Greedy: the highest-IoU pair first, each track and detection used once."""
@@ -110,3 +129,14 @@ class IoUTracker:
             matches[index] = track_id
             used_tracks.add(track_id)
         return matches
+
+
+def _centre_shift(old: Box, new: Box) -> tuple[float, float]:
+    return ((new[0] + new[2] - old[0] - old[2]) / 2.0, (new[1] + new[3] - old[1] - old[3]) / 2.0)
+
+
+def _shifted(detection: FaceDetection, shift: tuple[float, float]) -> FaceDetection:
+    dx, dy = shift
+    x1, y1, x2, y2 = detection.box
+    landmarks = None if detection.landmarks is None else tuple((x + dx, y + dy) for x, y in detection.landmarks)
+    return FaceDetection(box=(x1 + dx, y1 + dy, x2 + dx, y2 + dy), score=detection.score, landmarks=landmarks)

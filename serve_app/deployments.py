@@ -196,7 +196,14 @@ class CameraSession:
         self.metrics = metrics
         self.source = CameraSource(camera, metrics)
         self.analyzer = CameraAnalyzer(
-            camera.camera_id, pipeline_config.tracker, metadata.classes, metadata.model_id, publisher, metrics, failures
+            camera.camera_id,
+            pipeline_config.tracker,
+            metadata.classes,
+            metadata.model_id,
+            publisher,
+            metrics,
+            failures,
+            detection_interval=pipeline_config.detector.interval,
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ferstream-session-{camera.camera_id}", daemon=True)
@@ -228,14 +235,17 @@ class CameraSession:
         """One frame through the models; a failed model call (a bad frame, a replica restarting, a
         timeout) is counted in ``frames_failed_total`` and costs this frame only."""
         camera_id = self.camera.camera_id
-        try:
-            small = downscale_for_detection(frame.image, self.detection_size)
-            found = self.detector.detect.remote(small.image).result(timeout_s=MODEL_CALL_TIMEOUT_S)
-            detections = scale_detections(found, small.scale)
-        except Exception as error:
-            self.failures.record(camera_id, "detect", frame.frame_index, error)
-            return
-        self.metrics.faces_detected.labels(camera=camera_id).inc(len(detections))
+        if self.analyzer.detection_due():
+            try:
+                small = downscale_for_detection(frame.image, self.detection_size)
+                found = self.detector.detect.remote(small.image).result(timeout_s=MODEL_CALL_TIMEOUT_S)
+                detections = scale_detections(found, small.scale)
+            except Exception as error:
+                self.failures.record(camera_id, "detect", frame.frame_index, error)
+                return
+            self.metrics.faces_detected.labels(camera=camera_id).inc(len(detections))
+        else:  # detector.interval: the tracks' boxes carried on
+            detections = self.analyzer.carried_detections()
         try:
             crops = crop_faces(frame.image, detections, self.metadata)
             # One request per face: the classifier's @serve.batch groups faces across all frames.

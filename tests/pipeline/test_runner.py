@@ -244,3 +244,41 @@ def test_event_keys_do_not_repeat_when_a_camera_is_removed_and_added_again(tmp_p
     assert len(set(keys)) == 20
     assert len({event.run_id for event in events}) == 2
     pipeline.close()
+
+
+# -- detector.interval ----------------------------------------------------------------------------------
+
+
+class MovingFaceDetector:
+    """One face that moves 3 px right per frame index; counts the frames it is called on."""
+
+    def __init__(self) -> None:
+        self.frames_seen: list[int] = []
+
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[FaceDetection]]:
+        self.frames_seen.extend(int(image[0, 0, 1]) for image in images)
+        return [[FaceDetection((10.0 + 3 * int(image[0, 0, 1]), 10.0, 40.0 + 3 * int(image[0, 0, 1]), 40.0), 0.99)] for image in images]
+
+
+def test_detection_interval_detects_every_nth_frame_and_classifies_every_frame_on_carried_boxes() -> None:
+    config = parse_config(PipelineConfig, {"detector": {"interval": 3}}, "test")
+    metrics, sink = PipelineMetrics(), MemorySink()
+    detector = MovingFaceDetector()
+    pipeline = StreamPipeline(config, metrics, ModelStages(detector, FakeClassifier(), 640), EventPublisher(config.events, metrics, sink))  # type: ignore[arg-type]
+    pipeline._analyzers["cam"] = CameraAnalyzer(
+        "cam", config.tracker, CLASSES, "fake@1", pipeline.publisher, metrics, pipeline.failures, detection_interval=3
+    )
+    for index in range(7):
+        frame = fake_frame("cam", index)
+        frame.image[0, 0, 1] = index  # the detector reads the frame index from a pixel
+        pipeline.process([frame])
+    assert detector.frames_seen == [0, 3, 6]
+    assert [event.frame_index for event in sink.written] == list(range(7))  # every frame classified
+    assert {event.track_id for event in sink.written} == {1}  # one track throughout
+    # Frames 1-2 have no velocity yet; frame 3's detection (x1 = 19, 9 px in 3 frames) gives the track 3 px per
+    # frame, so frames 4 and 5 are carried on to where the face really is.
+    boxes = {event.frame_index: event.box for event in sink.written}
+    assert boxes[0] == boxes[1] == boxes[2] == (10, 10, 40, 40)
+    assert [boxes[index][0] for index in (3, 4, 5, 6)] == [19, 22, 25, 28]
+    assert metrics.registry.get_sample_value("ferstream_faces_detected_total", {"camera": "cam"}) == 3
+    pipeline.publisher.close()

@@ -56,3 +56,17 @@ def test_no_smoothing_with_alpha_one():
 def test_mismatched_inputs_are_rejected():
     with pytest.raises(ValueError, match="2 detections but 1"):
         IoUTracker(TrackerConfig()).update([face(0, 0), face(100, 0)], probs(1, 0))
+
+
+def test_carried_detections_move_on_at_the_velocity_between_detections_and_skip_unseen_faces():
+    tracker = IoUTracker(TrackerConfig(max_missed_frames=5))
+    one = np.array([[1.0, 0.0]], np.float32)
+    tracker.update([FaceDetection((0.0, 0.0, 20.0, 20.0), 0.9, ((5.0, 5.0),))], one)
+    tracker.update([FaceDetection((4.0, 2.0, 24.0, 22.0), 0.9, ((9.0, 7.0),))], one)  # 4, 2 px per frame
+    (carried,) = tracker.carried_detections()
+    assert carried.box == (8.0, 4.0, 28.0, 24.0) and carried.landmarks == ((13.0, 9.0),) and carried.score == 0.9
+    tracker.update([carried], one, carried=True)
+    (again,) = tracker.carried_detections()
+    assert again.box == (12.0, 6.0, 32.0, 26.0)  # a carried box teaches no new velocity
+    tracker.update([], np.zeros((0, 2), np.float32))  # the face is missed: nothing to carry
+    assert tracker.carried_detections() == []
