@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from pipeline.config import SourceConfig
-from pipeline.registry import CameraRegistry, ReconcilePlan, ShardWorker, plan_reconcile, status_to_dict
+from pipeline.registry import AddOutcome, CameraRegistry, ReconcilePlan, ShardWorker, plan_reconcile, status_to_dict
 from pipeline.sources import SourceStatus, StreamState
 from tests.conftest import RedisServer
 
@@ -76,6 +76,18 @@ def test_add_remove_and_cameras_round_trip(registry: CameraRegistry, client: red
 
 
 @pytest.mark.integration
+def test_add_within_stops_at_max_cameras_and_reports_existing_ids(registry: CameraRegistry) -> None:
+    assert registry.add_within(camera("a"), max_cameras=2) is AddOutcome.ADDED
+    assert registry.add_within(camera("a", url="rtsp://other/x"), max_cameras=2) is AddOutcome.EXISTS
+    assert registry.add_within(camera("b"), max_cameras=2) is AddOutcome.ADDED
+    assert registry.add_within(camera("c"), max_cameras=2) is AddOutcome.FULL
+    assert registry.add_within(camera("a"), max_cameras=2) is AddOutcome.EXISTS  # an existing id wins over full
+    assert sorted(registry.cameras()) == ["a", "b"] and registry.count() == 2
+    assert registry.cameras()["a"] == camera("a")
+    registry.remove("a")
+    assert registry.add_within(camera("c"), max_cameras=2) is AddOutcome.ADDED
+
+
 def test_remove_also_deletes_the_status(registry: CameraRegistry, client: redis.Redis) -> None:
     registry.add(camera("lobby"))
     registry.put_statuses([{"camera_id": "lobby", "state": "streaming"}], ttl_s=60)
