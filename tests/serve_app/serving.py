@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,14 @@ from pipeline.events import ExpressionEvent, stream_key
 from tests import support
 from tests.conftest import REPO_ROOT, free_port, require
 
+# What serve.status() says about the app: its status and each deployment's status and message.
+APP_STATUS = (
+    "app = serve.status().applications.get('ferstream'); "
+    "print(json.dumps(None if app is None else {'status': str(app.status), 'message': app.message, "
+    "'deployments': {name: {'status': str(d.status), 'message': d.message} for name, d in app.deployments.items()}}))"
+)
+AUTH_ENV = ("FERSTREAM_API_TOKENS", "FERSTREAM_API_TOKEN_FILE", "FERSTREAM_API_AUTH")
+
 
 @dataclass
 class Service:
@@ -33,6 +42,12 @@ class Service:
     ray_address: str
     metrics_port: int
     log_path: Path
+    token: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every API call but /healthz sends."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def events(self, camera_id: str) -> list[ExpressionEvent]:
         client = redis.Redis.from_url(self.redis_url)
@@ -42,12 +57,18 @@ class Service:
         return int(redis.Redis.from_url(self.redis_url).xlen(stream_key("ferstream", camera_id)))
 
     def streams(self) -> dict[str, dict[str, Any]]:
-        response = requests.get(f"{self.api}/streams", timeout=10)
+        response = requests.get(f"{self.api}/streams", headers=self.headers, timeout=10)
         response.raise_for_status()
         return {stream["id"]: stream for stream in response.json()}
 
     def post_stream(self, body: dict[str, Any]) -> requests.Response:
-        return requests.post(f"{self.api}/streams", json=body, timeout=10)
+        return requests.post(f"{self.api}/streams", json=body, headers=self.headers, timeout=10)
+
+    def delete_stream(self, camera_id: str) -> requests.Response:
+        return requests.delete(f"{self.api}/streams/{camera_id}", headers=self.headers, timeout=10)
+
+    def app_status(self) -> dict[str, Any] | None:
+        return self.ray_driver(APP_STATUS)
 
     def ray_driver(self, code: str) -> Any:
         """Run ``code`` (which must print one JSON line last) as a separate Ray driver on this cluster."""
@@ -97,18 +118,31 @@ def running_service(
     redis_url: str,
     resources: Sequence[str] = ("--num-cpus=4",),
     pipeline_overrides: dict[str, dict[str, Any]] | None = None,
+    http_host: str = "127.0.0.1",
+    api_token: str | None = "generate",
+    wait_healthy: bool = True,
 ) -> Iterator[Service]:
-    """``serve run`` on a copy of ``configs/<serve_config>`` on free loopback ports, without start-up
-    cameras; ``pipeline_overrides`` (section -> fields) are applied to a copy of its pipeline config."""
+    """``serve run`` on a copy of ``configs/<serve_config>`` on free ports, without start-up cameras;
+    ``pipeline_overrides`` (section -> fields) are applied to a copy of its pipeline config.
+
+    The API needs a token: a fresh one by default, in ``FERSTREAM_API_TOKENS`` of the Ray head (whose
+    environment the replicas inherit), never in the app's arguments; ``api_token=None``: none.
+    ``http_host``: where Serve's proxy binds. ``wait_healthy=False`` yields as soon as ``serve run``
+    started, for tests of an app that must not come up."""
     # Ray's unix sockets must fit in 107 bytes: keep its session directory short.
     ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     # Token auth off, explicitly: a loopback-only test cluster; with a ~/.ray/auth_token left on the
     # machine, Ray 2.60 would otherwise demand a token that `serve run` does not send.
     env = {**os.environ, "FERSTREAM_REDIS_URL": redis_url, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    for name in AUTH_ENV:  # only what this test asks for
+        env.pop(name, None)
+    token = secrets.token_hex(32) if api_token == "generate" else api_token
+    if token is not None:
+        env["FERSTREAM_API_TOKENS"] = token
     ray_port, metrics_port, http_port = free_port(), free_port(), free_port()
 
     config = yaml.safe_load((REPO_ROOT / "configs" / serve_config).read_text())
-    config["http_options"].update(host="127.0.0.1", port=http_port)
+    config["http_options"].update(host=http_host, port=http_port)
     args = config["applications"][0]["args"]
     args["cameras_file"] = None
     if pipeline_overrides:
@@ -127,7 +161,7 @@ def running_service(
         with log_path.open("wb") as log:
             command = [ray_cli("serve"), "run", "--address", ray_address, str(config_path)]
             serve_process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        service = Service(f"http://127.0.0.1:{http_port}", redis_url, ray_address, metrics_port, log_path)
+        service = Service(f"http://127.0.0.1:{http_port}", redis_url, ray_address, metrics_port, log_path, token)
 
         def healthy() -> bool:
             assert serve_process is not None and serve_process.poll() is None, f"serve run exited\n{service.log_tail()}"
@@ -136,7 +170,8 @@ def running_service(
             except requests.RequestException:  # the proxy answers before the app is deployed
                 return False
 
-        service.wait_until(healthy, 300, "the Serve app to become healthy")
+        if wait_healthy:
+            service.wait_until(healthy, 300, "the Serve app to become healthy")
         yield service
     finally:
         if serve_process is not None and serve_process.poll() is None:
