@@ -148,7 +148,7 @@ def running_service(
     if pipeline_overrides:
         pipeline = yaml.safe_load((REPO_ROOT / args["pipeline_config"]).read_text())
         for section, fields in pipeline_overrides.items():
-            pipeline[section].update(fields)
+            pipeline.setdefault(section, {}).update(fields)
         args["pipeline_config"] = str(work / "pipeline.yaml")
         (work / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
     config_path = work / "serve.yaml"
