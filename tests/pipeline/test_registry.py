@@ -12,6 +12,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -381,3 +382,33 @@ def test_a_camera_that_fails_to_start_is_released_for_another_try(registry: Came
     worker = ShardWorker(registry, "w1", start=fail, stop=lambda camera_id: None)
     worker.reconcile(max_cameras=4)
     assert worker.running == {} and registry.owner("a") is None
+
+
+def test_the_event_reader_acl_of_security_md_reads_events_but_not_the_registry(client: redis.Redis, redis_server: RedisServer) -> None:
+    # The recipe exactly as SECURITY.md prints it, so the document cannot drift from what works.
+    text = (Path(__file__).resolve().parents[2] / "SECURITY.md").read_text(encoding="utf-8")
+    (line,) = [line for line in text.splitlines() if line.startswith("ACL SETUSER events-reader")]
+    client.execute_command(*line.replace("READER_PASSWORD", "reader-pw").split())
+    registry = CameraRegistry(client, "ferstream")
+    registry.add(camera("door", url="rtsp://admin:hunter2@10.0.0.5/live"))
+    client.xadd("ferstream:events:door", {"field": "value"})
+
+    reader = redis.Redis.from_url(redis_server.url.replace("redis://", "redis://events-reader:reader-pw@"), socket_timeout=5)
+    stream = "ferstream:events:door"
+    # What a consumer in a group does (pipeline/events/readers.py): create the group, read, ack, claim, inspect.
+    reader.xgroup_create(stream, "analytics", id="0", mkstream=True)
+    ((_, entries),) = reader.xreadgroup("analytics", "worker-1", {stream: ">"}, count=10)
+    assert reader.xack(stream, "analytics", entries[0][0]) == 1
+    reader.xautoclaim(stream, "analytics", "worker-2", min_idle_time=0)
+    assert reader.xinfo_groups(stream)[0]["name"] in (b"analytics", "analytics")
+    assert reader.xlen(stream) == 1 and reader.xrange(stream)
+    for forbidden in (
+        lambda: reader.hgetall(registry.cameras_key),
+        lambda: reader.get("ferstream:lease:door"),
+        lambda: reader.xadd(stream, {"forged": "1"}),
+        lambda: reader.delete(stream),
+        lambda: reader.xtrim(stream, maxlen=0),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            forbidden()
+    reader.close()

@@ -43,6 +43,7 @@ class Service:
     metrics_port: int
     log_path: Path
     token: str | None = None
+    ray_dir: Path | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -82,6 +83,13 @@ class Service:
         """Ingest.describe() through a Serve handle."""
         return self.ray_driver("print(json.dumps(serve.get_deployment_handle('Ingest', 'ferstream').describe.remote().result()))")
 
+    def ray_logs_containing(self, text: str) -> list[Path]:
+        """The files of this cluster's Ray logs (every process's, Serve's replicas' included) that contain ``text``."""
+        assert self.ray_dir is not None
+        return [
+            path for path in sorted(self.ray_dir.glob("session_*/logs/**/*")) if path.is_file() and text in path.read_text(errors="replace")
+        ]
+
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
 
@@ -97,14 +105,19 @@ def ray_cli(name: str) -> str:
 
 
 def start_ray(address_port: int, metrics_port: int, temp_dir: str, env: dict[str, str], resources: Sequence[str]) -> None:
-    subprocess.run(
+    # Every port Ray would otherwise take at its fixed default (client server 10001, the dashboard
+    # agent's, the runtime-env agent's) is a free one, so that two clusters on one machine can coexist.
+    result = subprocess.run(
         [
             ray_cli("ray"), "start", "--head", f"--port={address_port}", "--node-ip-address=127.0.0.1",
             f"--metrics-export-port={metrics_port}", f"--dashboard-port={free_port()}", "--dashboard-host=127.0.0.1", *resources,
+            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
             "--object-store-memory=300000000", f"--temp-dir={temp_dir}", "--disable-usage-stats",
         ],
-        env=env, check=True, capture_output=True, timeout=180,
+        env=env, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
+    assert result.returncode == 0, f"ray start failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
 
 
 def stop_ray(env: dict[str, str]) -> None:
@@ -161,7 +174,7 @@ def running_service(
         with log_path.open("wb") as log:
             command = [ray_cli("serve"), "run", "--address", ray_address, str(config_path)]
             serve_process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        service = Service(f"http://127.0.0.1:{http_port}", redis_url, ray_address, metrics_port, log_path, token)
+        service = Service(f"http://127.0.0.1:{http_port}", redis_url, ray_address, metrics_port, log_path, token, Path(ray_dir))
 
         def healthy() -> bool:
             assert serve_process is not None and serve_process.poll() is None, f"serve run exited\n{service.log_tail()}"
