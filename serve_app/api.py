@@ -16,10 +16,11 @@ No ``from __future__ import annotations`` here: FastAPI reads the endpoint annot
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -179,9 +180,15 @@ def _validation_problem(problem: dict[str, Any]) -> dict[str, Any]:
     return {"loc": list(problem.get("loc", ())), "msg": problem.get("msg", ""), "type": problem.get("type", "")}
 
 
-def build_api(controller: StreamController, auth: ApiAuth, open_paths: frozenset[str] = OPEN_PATHS) -> FastAPI:
+def build_api(
+    controller: StreamController, auth: ApiAuth, open_paths: frozenset[str] = OPEN_PATHS, routers: Sequence[APIRouter] = ()
+) -> FastAPI:
+    """The app. ``routers``: more routes (a page, its data), behind the same token check unless
+    their paths are in ``open_paths``."""
     api = FastAPI(title="ferstream", description="Add, remove and inspect cameras; events go to Redis Streams.")
     api.add_middleware(BearerAuthMiddleware, auth=auth, open_paths=open_paths)
+    for router in routers:
+        api.include_router(router)
 
     @api.exception_handler(RequestValidationError)
     async def validation_failed(_request: Request, error: RequestValidationError) -> JSONResponse:

@@ -14,7 +14,7 @@ import pytest
 import redis
 import requests
 import uvicorn
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
 from pipeline.auth import ApiAuth, ApiTokens
 from pipeline.config import UrlPolicyConfig
@@ -134,6 +134,26 @@ def test_any_of_several_tokens_is_accepted(client: redis.Redis, tmp_path: Path) 
         token_file.write_text("# the ops token was revoked\n")
         assert api.get("/streams", {"Authorization": f"Bearer {WRONG}"}).status_code == 401
         assert api.get("/streams", AUTH).status_code == 200
+
+
+def test_added_routers_are_behind_the_token_unless_their_path_is_open(client: redis.Redis) -> None:
+    router = APIRouter()
+
+    @router.get("/page")
+    def page() -> dict[str, str]:
+        return {"page": "open"}
+
+    @router.get("/data")
+    def data() -> dict[str, str]:
+        return {"data": "private"}
+
+    controller = StreamController(CameraRegistry(client, "test"), UrlPolicyConfig(), 8)
+    auth = ApiAuth(ApiTokens([TOKEN]), required=True)
+    with ApiServer(build_api(controller, auth, open_paths=frozenset({"/healthz", "/page"}), routers=[router])) as api:
+        assert api.get("/page", None).json() == {"page": "open"}
+        assert api.get("/data", None).status_code == 401
+        assert api.get("/data").json() == {"data": "private"}
+        assert api.get("/streams", None).status_code == 401
 
 
 def test_an_open_api_needs_no_header(client: redis.Redis) -> None:
