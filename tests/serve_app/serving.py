@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,8 +122,52 @@ def start_ray(address_port: int, metrics_port: int, temp_dir: str, env: dict[str
     assert result.returncode == 0, f"ray start failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
 
 
-def stop_ray(env: dict[str, str]) -> None:
-    subprocess.run([ray_cli("ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+def cluster_pids(temp_dir: str, gcs_port: int) -> list[int]:
+    """This cluster's processes: those naming its temp dir or its GCS port, and their descendants."""
+    table: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        table[int(entry.name)] = (ppid, command)
+    gcs = re.compile(rf"address[= ]\S*:{gcs_port}(?!\d)")
+    ancestors, pid = set(), os.getpid()  # this test process and its parents are never part of it
+    while pid in table and pid not in ancestors:
+        ancestors.add(pid)
+        pid = table[pid][0]
+    found = {pid for pid, (_ppid, command) in table.items() if temp_dir in command or gcs.search(command)} - ancestors
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, _command) in table.items() if ppid in found} - found - ancestors
+        found |= children
+        grew = bool(children)
+    return sorted(found)
+
+
+def stop_ray(temp_dir: str, gcs_port: int) -> None:
+    """Stop this cluster only: ``ray stop --force`` would kill every Ray process on the machine,
+    other tests' and other users' clusters included."""
+    pids = cluster_pids(temp_dir, gcs_port)
+    for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in pids):
+            time.sleep(0.2)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextmanager
@@ -193,5 +239,5 @@ def running_service(
                 serve_process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 serve_process.kill()
-        stop_ray(env)
+        stop_ray(ray_dir, ray_port)
         shutil.rmtree(ray_dir, ignore_errors=True)
