@@ -8,8 +8,7 @@
   publishes events.
 - ``Controller``: the HTTP API (ingress; the app itself is in ``serve_app/api.py``).
 
-No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run
-time to tell a JSON body from query parameters.
+The Controller's routes, auth and error bodies are in ``serve_app/api.py`` (no Ray there).
 """
 
 import asyncio
@@ -299,7 +298,8 @@ def serve_http_host() -> str | None:
     try:
         from ray.serve.context import _get_global_client
 
-        return str(_get_global_client().http_config.host)
+        host = _get_global_client().http_config.host
+        return str(host) if host else None
     except Exception as error:
         log.warning("cannot read Serve's HTTP host (%s): treating it as not loopback", type(error).__name__)
         return None
@@ -310,7 +310,7 @@ def serve_http_host() -> str | None:
 class ControllerDeployment:
     def __init__(self, config: dict[str, Any], cameras: list[dict[str, Any]], ingest: DeploymentHandle) -> None:
         # Tokens come from this replica's environment (FERSTREAM_API_TOKENS / FERSTREAM_API_TOKEN_FILE),
-        # never from the application's arguments, which Ray records and shows in its dashboard.
+        # never from the application's arguments, which Ray keeps in its cluster state.
         auth = check_exposure(ApiTokens.from_environment(), serve_http_host())
         pipeline_config = load_pipeline_config(config, "Controller")
         events = pipeline_config.events
