@@ -144,14 +144,31 @@ def route_path(scope: Scope) -> str:
 
 
 class BearerAuthMiddleware:
-    """Refuses every request but those to ``open_paths`` without an accepted bearer token (401),
-    and bodies declared larger than ``max_body_bytes`` (413), before the app reads anything."""
+    """Refuses every request without an accepted bearer token (401), but those to ``open_paths``
+    or below one of ``open_prefixes`` (``/static/``), and bodies declared larger than
+    ``max_body_bytes`` (413), before the app reads anything."""
 
-    def __init__(self, app: ASGIApp, auth: ApiAuth, open_paths: frozenset[str] = OPEN_PATHS, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        auth: ApiAuth,
+        open_paths: frozenset[str] = OPEN_PATHS,
+        open_prefixes: frozenset[str] = frozenset(),
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        if any(not prefix.endswith("/") or prefix == "/" for prefix in open_prefixes):
+            raise ValueError("open prefixes end with '/' and are not '/' itself (that would open every path)")
         self.app = app
         self.auth = auth
         self.open_paths = open_paths
+        self.open_prefixes = tuple(open_prefixes)
         self.max_body_bytes = max_body_bytes
+
+    def is_open(self, path: str) -> bool:
+        # Dot segments would let "/static/../streams" pass as a static path: such paths are never open.
+        if "/." in path or "%" in path:
+            return False
+        return path in self.open_paths or path.startswith(self.open_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -161,7 +178,7 @@ class BearerAuthMiddleware:
             await send({"type": "websocket.close", "code": 1008})
             return
         headers = Headers(scope=scope)
-        if route_path(scope) not in self.open_paths and not self.auth.allows(headers.get("authorization")):
+        if not self.is_open(route_path(scope)) and not self.auth.allows(headers.get("authorization")):
             presented = headers.get("authorization") is not None
             challenge = f'{WWW_AUTHENTICATE}, error="invalid_token"' if presented else WWW_AUTHENTICATE
             detail = "invalid bearer token" if presented else "missing bearer token: send Authorization: Bearer <token>"
@@ -181,12 +198,16 @@ def _validation_problem(problem: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_api(
-    controller: StreamController, auth: ApiAuth, open_paths: frozenset[str] = OPEN_PATHS, routers: Sequence[APIRouter] = ()
+    controller: StreamController,
+    auth: ApiAuth,
+    open_paths: frozenset[str] = OPEN_PATHS,
+    routers: Sequence[APIRouter] = (),
+    open_prefixes: frozenset[str] = frozenset(),
 ) -> FastAPI:
     """The app. ``routers``: more routes (a page, its data), behind the same token check unless
-    their paths are in ``open_paths``."""
+    their paths are in ``open_paths`` or below one of ``open_prefixes``."""
     api = FastAPI(title="ferstream", description="Add, remove and inspect cameras; events go to Redis Streams.")
-    api.add_middleware(BearerAuthMiddleware, auth=auth, open_paths=open_paths)
+    api.add_middleware(BearerAuthMiddleware, auth=auth, open_paths=open_paths, open_prefixes=open_prefixes)
     for router in routers:
         api.include_router(router)
 

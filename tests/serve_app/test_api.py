@@ -4,6 +4,7 @@ naming ``url``), max_cameras, non-finite numbers, and bodies that never repeat a
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 from collections.abc import Iterator
@@ -147,13 +148,33 @@ def test_added_routers_are_behind_the_token_unless_their_path_is_open(client: re
     def data() -> dict[str, str]:
         return {"data": "private"}
 
+    @router.get("/static/{name}")
+    def asset(name: str) -> dict[str, str]:
+        return {"asset": name}
+
     controller = StreamController(CameraRegistry(client, "test"), UrlPolicyConfig(), 8)
     auth = ApiAuth(ApiTokens([TOKEN]), required=True)
-    with ApiServer(build_api(controller, auth, open_paths=frozenset({"/healthz", "/page"}), routers=[router])) as api:
+    app = build_api(controller, auth, open_paths=frozenset({"/healthz", "/page"}), routers=[router], open_prefixes=frozenset({"/static/"}))
+    with ApiServer(app) as api:
         assert api.get("/page", None).json() == {"page": "open"}
+        assert api.get("/static/app.js", None).json() == {"asset": "app.js"}
         assert api.get("/data", None).status_code == 401
         assert api.get("/data").json() == {"data": "private"}
         assert api.get("/streams", None).status_code == 401
+        for sneaky in ("/static/../streams", "/static/%2e%2e/streams", "/static/./x", "/page/"):
+            # http.client sends the path as written (requests would resolve the dot segments first).
+            connection = http.client.HTTPConnection("127.0.0.1", api.port, timeout=10)
+            connection.request("GET", sneaky)
+            assert connection.getresponse().status == 401, sneaky
+            connection.close()
+
+
+def test_an_open_prefix_must_be_a_directory() -> None:
+    from serve_app.api import BearerAuthMiddleware
+
+    for prefix in ("/", "/static"):
+        with pytest.raises(ValueError, match="open prefixes end with '/'"):
+            BearerAuthMiddleware(FastAPI(), ApiAuth(ApiTokens(), required=False), open_prefixes=frozenset({prefix}))
 
 
 def test_an_open_api_needs_no_header(client: redis.Redis) -> None:
