@@ -29,7 +29,7 @@ window, then ``DELETE`` them all. Nothing else is restarted between levels. Per 
 * CPU use of every process over the window (from /proc), so anything else running is visible.
 
 The detector's own throughput is measured in this process, before the first level and after the
-last one while the app is idle: ``MTCNNDetector.detect_batch`` on the clips' frames, downscaled to
+last one while the app is idle: the configured detector's ``detect_batch`` on the clips' frames, downscaled to
 the app's ``detection_size``, at batch size 1 and the Serve config's ``max_batch_size``, with one
 torch thread (what Ray gives a ``num_cpus: 1`` replica: ``OMP_NUM_THREADS=1``) and with all cores.
 The ratio column divides the level's total processed frames/s by that (mean of before/after).
@@ -68,7 +68,7 @@ from bench_common import REPO_ROOT
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import PipelineConfig, load_config
-from pipeline.detection import MTCNNDetector, downscale_for_detection
+from pipeline.detection import FaceDetector, build_detector, downscale_for_detection
 from pipeline.events import ExpressionEvent, stream_key
 
 log = logging.getLogger("ferstream.bench.serve")
@@ -530,7 +530,7 @@ def measure_level(
 
 
 def measure_detector(
-    detector: MTCNNDetector,
+    detector: FaceDetector,
     images: Sequence[Any],
     batch_sizes: Iterable[int],
     thread_counts: Iterable[int],
@@ -669,7 +669,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         )
     detector_rows.sort()
     parts.append(
-        "Detector alone (`MTCNNDetector.detect_batch` in the benchmark process, Serve app idle, "
+        "Detector alone (the configured detector's `detect_batch` in the benchmark process, Serve app idle, "
         f"detection_size {settings['detection_size']}):\n\n"
         + common.markdown_table(
             [
@@ -737,7 +737,7 @@ def main() -> int:
     all_threads = os.cpu_count() or 1
     detection_size = pipeline_config.detector.detection_size
     images = [downscale_for_detection(image, detection_size).image for _info, frames in decoded for image in frames]
-    detector = MTCNNDetector(pipeline_config.detector)
+    detector = build_detector(pipeline_config.detector)
 
     result: dict[str, Any] = {
         "benchmark": "serve_cameras",

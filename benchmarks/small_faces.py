@@ -26,9 +26,11 @@ from pipeline.config import BlazeFaceConfig, DetectorConfig
 from pipeline.detection import FaceDetector, build_detector, detect_frames
 
 DETECTORS: dict[str, DetectorConfig | BlazeFaceConfig] = {
-    "mtcnn": DetectorConfig(),
-    "blazeface full_range": BlazeFaceConfig(model="full_range"),
-    "blazeface back": BlazeFaceConfig(model="back"),
+    "mtcnn": DetectorConfig(kind="mtcnn"),
+    "blazeface full_range, whole frame": BlazeFaceConfig(model="full_range", tiles=(1, 1)),
+    "blazeface back, whole frame": BlazeFaceConfig(model="back", tiles=(1, 1)),
+    "blazeface full_range + 2x1 tiles (default)": BlazeFaceConfig(),
+    "blazeface full_range + 2x2 tiles": BlazeFaceConfig(tiles=(2, 2)),
 }
 
 

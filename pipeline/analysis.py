@@ -10,6 +10,7 @@ the publish, and what removing a camera must undo.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -17,10 +18,13 @@ import numpy as np
 
 from pipeline.config import TrackerConfig
 from pipeline.detection import FaceDetection
-from pipeline.events import EventPublisher, ExpressionEvent
+from pipeline.events import EventPublisher, ExpressionEvent, new_run_id
+from pipeline.isolation import FrameFailures
 from pipeline.metrics import PipelineMetrics
 from pipeline.sources import VideoFrame
 from pipeline.tracking import IoUTracker, TrackedFace
+
+log = logging.getLogger("ferstream.analysis")
 
 
 class CameraAnalyzer:
@@ -38,37 +42,60 @@ class CameraAnalyzer:
         model_id: str,
         publisher: EventPublisher,
         metrics: PipelineMetrics,
+        failures: FrameFailures | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.camera_id = camera_id
+        # One analyzer per start of the camera, so a new run_id per start: frame_index and track_id
+        # start again with the run, and (camera_id, run_id, frame_index, track_id) stays unique.
+        self.run_id = run_id if run_id is not None else new_run_id()
         self.tracker = IoUTracker(tracker_config)
         self.classes = tuple(classes)
         self.model_id = model_id
         self.publisher = publisher
         self.metrics = metrics
+        self.failures = failures if failures is not None else FrameFailures(metrics, log)
 
     def analyze(self, frame: VideoFrame, detections: Sequence[FaceDetection], probabilities: np.ndarray) -> list[ExpressionEvent]:
-        """Track one frame's faces and publish their events; returns the events the policy emitted."""
+        """Track one frame's faces and publish their events; returns the events the policy emitted.
+
+        Never raises: a frame the tracker or the publisher fails on is counted in
+        ``frames_failed_total{stage="track"|"publish"}`` and yields no events.
+        """
         started = time.perf_counter()
-        update = self.tracker.update(detections, probabilities)
-        events = [self._event(frame, face) for face in update.faces]
+        try:
+            update = self.tracker.update(detections, probabilities)
+            events = [self._event(frame, face) for face in update.faces]
+        except Exception as error:
+            self.failures.record(self.camera_id, "track", frame.frame_index, error)
+            return []
         self.metrics.stage_latency.labels(stage="track").observe(time.perf_counter() - started)
         for event in events:
             self.metrics.classifications.labels(camera=self.camera_id, emotion=event.emotion).inc()
-        # An ended track never comes back (ids are not reused), so its policy state is garbage.
-        for track_id in update.ended_track_ids:
-            self.publisher.policy.forget(self.camera_id, track_id)
-        return self.publisher.publish(self.camera_id, events)
+        try:
+            # An ended track never comes back (ids are not reused), so its policy state is garbage.
+            for track_id in update.ended_track_ids:
+                self.publisher.policy.forget(self.camera_id, track_id)
+            return self.publisher.publish(self.camera_id, events)
+        except Exception as error:
+            self.failures.record(self.camera_id, "publish", frame.frame_index, error)
+            return []
 
-    def close(self) -> None:
-        """The camera was removed: drop its policy state and mark its stream down."""
+    def close(self, forget_series: bool = True) -> None:
+        """The camera was removed: drop its policy state and its metric series (``forget_series``
+        False: only mark its stream down, for a shutdown whose last scrape or summary still reads them)."""
         self.publisher.policy.forget_camera(self.camera_id)
-        self.metrics.forget_camera(self.camera_id)
+        if forget_series:
+            self.metrics.forget_camera(self.camera_id)
+        else:
+            self.metrics.stream_up.labels(camera=self.camera_id).set(0)
 
     def _event(self, frame: VideoFrame, face: TrackedFace) -> ExpressionEvent:
         top = int(np.argmax(face.probabilities))
         x1, y1, x2, y2 = face.detection.box
         return ExpressionEvent(
             camera_id=self.camera_id,
+            run_id=self.run_id,
             frame_index=frame.frame_index,
             pts_s=frame.pts_s,
             capture_time=frame.capture_time,

@@ -137,6 +137,25 @@ class BlazeFaceConfig(BaseDetectorConfig):
     threads: int = Field(1, ge=1, le=64, description="runtime threads; 1 leaves the other core to decoding")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="minimum face score (MediaPipe's default)")
     nms_iou: float = Field(0.3, gt=0.0, le=1.0, description="boxes overlapping more than this are merged")
+    # BlazeFace boxes run brow to chin, tighter than MTCNN's, and MTCNN's min_face_size is a pyramid floor rather
+    # than a filter; 12 keeps the faces MTCNN finds at 20.
+    min_face_size: int = Field(12, ge=8, le=4096, description="in detection-size pixels; smaller boxes are dropped")
+    # Faces of 20-30 px in a 640 px frame are ~7 px in one 192 px pass, too small for the model. Two tiles side by
+    # side see a 16:9 frame at 1.7x that scale, for two more model calls (benchmarks/small_faces.py).
+    tiles: tuple[Annotated[int, Field(ge=1, le=8)], Annotated[int, Field(ge=1, le=8)]] = Field(
+        (2, 1),
+        description=(
+            "columns, rows of overlapping tiles detected besides the whole frame, for faces too small for one pass "
+            "(each tile costs one more model call); [2, 1] suits landscape frames, [1, 2] portrait; [1, 1]: the whole frame only"
+        ),
+    )
+    tile_overlap: float = Field(0.25, ge=0.0, le=0.5, description="share of a tile's side that neighbouring tiles overlap")
+
+    @model_validator(mode="after")
+    def _cuda_needs_the_torch_runtime(self) -> BlazeFaceConfig:
+        if self.device == "cuda" and self.runtime != "torch":
+            raise ValueError("device 'cuda' needs runtime 'torch' (the TFLite runtime runs on CPU only)")
+        return self
 
 
 # A detector's config, chosen by its ``kind``; an unknown kind fails naming ``detector``.
@@ -246,7 +265,7 @@ class PipelineConfig(StrictModel):
     url_policy: UrlPolicyConfig = UrlPolicyConfig()
     max_cameras: int = Field(256, ge=1, le=MAX_CAMERAS, description="cameras the app runs at most (config and API together)")
     cameras: list[SourceConfig] = Field(default_factory=list)
-    detector: AnyDetectorConfig = DetectorConfig()
+    detector: AnyDetectorConfig = Field(default_factory=lambda: BlazeFaceConfig(), description="the face detector, chosen by its kind")
     classifier: ClassifierConfig = ClassifierConfig()
     tracker: TrackerConfig = TrackerConfig()
     events: EventsConfig = EventsConfig()
@@ -255,9 +274,9 @@ class PipelineConfig(StrictModel):
     @field_validator("detector", mode="before")
     @classmethod
     def _default_detector_kind(cls, detector: Any) -> Any:
-        # A detector section without ``kind`` means the default detector, as before the union existed.
+        # A detector section without ``kind`` means the default detector.
         if isinstance(detector, dict) and "kind" not in detector:
-            return {"kind": DetectorConfig.model_fields["kind"].default, **detector}
+            return {"kind": BlazeFaceConfig.model_fields["kind"].default, **detector}
         return detector
 
     @field_validator("cameras")

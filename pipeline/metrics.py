@@ -10,7 +10,7 @@ histograms, base units.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -35,6 +35,10 @@ class MetricFactory(Protocol):
 
     def histogram(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> Any: ...
 
+    def remove_series(self, family: Any, label_names: Sequence[str], matching: Mapping[str, str]) -> None:
+        """Forget every series of ``family`` (built by this factory with ``label_names``) whose labels include ``matching``."""
+        ...
+
 
 class PrometheusMetricFactory:
     def __init__(self, registry: CollectorRegistry | None = None, namespace: str = NAMESPACE) -> None:
@@ -50,13 +54,33 @@ class PrometheusMetricFactory:
     def histogram(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> Histogram:
         return Histogram(name, documentation, list(labels), buckets=tuple(buckets), namespace=self.namespace, registry=self.registry)
 
+    def remove_series(self, family: Counter | Gauge | Histogram, label_names: Sequence[str], matching: Mapping[str, str]) -> None:
+        # Through collect() and remove(), which every supported prometheus-client has (remove_by_labels is newer).
+        doomed = set()
+        for metric in family.collect():
+            for sample in metric.samples:
+                if all(sample.labels.get(name) == value for name, value in matching.items()):
+                    doomed.add(tuple(sample.labels[name] for name in label_names))
+        for values in doomed:
+            family.remove(*values)
+
 
 class PipelineMetrics:
     """The ferstream metric families. ``camera`` labels are the camera ids."""
 
     def __init__(self, factory: MetricFactory | None = None) -> None:
         self.factory: MetricFactory = factory if factory is not None else PrometheusMetricFactory()
-        counter, gauge, histogram = self.factory.counter, self.factory.gauge, self.factory.histogram
+        # Families with a camera label: their series go with the camera (forget_camera).
+        self.per_camera: list[tuple[Any, tuple[str, ...]]] = []
+
+        def counter(name: str, documentation: str, labels: Sequence[str]) -> Any:
+            return self._family(self.factory.counter(name, documentation, labels), labels)
+
+        def gauge(name: str, documentation: str, labels: Sequence[str]) -> Any:
+            return self._family(self.factory.gauge(name, documentation, labels), labels)
+
+        def histogram(name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> Any:
+            return self._family(self.factory.histogram(name, documentation, labels, buckets), labels)
 
         # Sources
         self.frames_decoded = counter("frames_decoded", "Frames decoded from the source", ["camera"])
@@ -73,6 +97,11 @@ class PipelineMetrics:
 
         # Models
         self.faces_detected = counter("faces_detected", "Faces found by the detector", ["camera"])
+        self.frames_failed = counter(
+            "frames_failed",
+            "Frames lost because a stage raised on them, by stage (detect, classify, track, publish); the other cameras go on",
+            ["camera", "stage"],
+        )
         self.classifications = counter("classifications", "Faces classified, by top emotion", ["camera", "emotion"])
         self.batch_size = histogram("batch_size", "Items per model batch", ["stage"], BATCH_BUCKETS)
         self.stage_latency = histogram("stage_latency_seconds", "Time spent in one pipeline stage per call", ["stage"], STAGE_BUCKETS)
@@ -97,9 +126,46 @@ class PipelineMetrics:
             raise TypeError(f"these metrics record through {type(self.factory).__name__}, not a prometheus-client registry")
         return self.factory.registry
 
+    def _family(self, family: Any, labels: Sequence[str]) -> Any:
+        if "camera" in labels:
+            self.per_camera.append((family, tuple(labels)))
+        return family
+
     def forget_camera(self, camera_id: str) -> None:
-        """Mark a removed camera's stream as down; counters keep their history."""
+        """A removed camera's series go: every family with a camera label drops that camera's.
+
+        ``stream_up`` is set to 0 first, for exporters that cannot drop a series (Ray's agent
+        keeps exporting a gauge's last value). A camera added again starts its counters at 0,
+        which Prometheus' ``rate()`` reads as a counter reset.
+        """
         self.stream_up.labels(camera=camera_id).set(0)
+        for family, label_names in self.per_camera:
+            self.factory.remove_series(family, label_names, {"camera": camera_id})
+
+
+class SubscriberMetrics:
+    """What an ``EventSubscriber`` (pipeline/events/readers.py) counts, on a consumer's own registry.
+
+    ``camera`` is the stream's camera and ``group`` the consumer group.
+    """
+
+    def __init__(self, factory: MetricFactory | None = None) -> None:
+        self.factory: MetricFactory = factory if factory is not None else PrometheusMetricFactory()
+        self.events_lost_to_trim = self.factory.counter(
+            "events_lost_to_trim",
+            "Stream entries trimmed (XADD MAXLEN) before the group handled them, by state"
+            " (unread: never delivered to the group; pending: delivered but never acked)",
+            ["camera", "group", "state"],
+        )
+        self.events_claimed = self.factory.counter(
+            "events_claimed", "Entries claimed (XAUTOCLAIM) from consumers that left them pending too long", ["camera", "group"]
+        )
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        if not isinstance(self.factory, PrometheusMetricFactory):
+            raise TypeError(f"these metrics record through {type(self.factory).__name__}, not a prometheus-client registry")
+        return self.factory.registry
 
 
 def serve_metrics(metrics: PipelineMetrics, host: str, port: int) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 import redis
 
 from pipeline.config import ConfigError, SourceConfig, parse_config
+from pipeline.log_limits import RepeatLimitedLog
 from pipeline.sources import SourceStatus
 
 log = logging.getLogger("ferstream.registry")
@@ -219,6 +220,8 @@ class ShardWorker:
         self._start = start
         self._stop = stop
         self.running: dict[str, SourceConfig] = {}
+        # A camera that cannot start is retried every tick: log it once per interval, with a count.
+        self._start_errors = RepeatLimitedLog(log)
 
     def reconcile(self, max_cameras: int) -> ReconcilePlan:
         desired = self.registry.cameras()
@@ -237,9 +240,11 @@ class ShardWorker:
                 continue  # another worker was faster
             try:
                 self._start(desired[camera_id])
-            except Exception:
+            except Exception as error:
                 # Let another worker (or the next tick) try rather than hold a lease on nothing.
-                log.exception("worker %s: could not start camera %s", self.worker_id, camera_id)
+                self._start_errors.error(
+                    (camera_id, type(error).__name__), "worker %s: could not start camera %s", self.worker_id, camera_id, exc_info=error
+                )
                 self.registry.release(camera_id, self.worker_id)
                 continue
             self.running[camera_id] = desired[camera_id]

@@ -2,8 +2,8 @@
 
 Each camera decodes in its own thread (``CameraSource``) into a freshest-frame slot; one
 processing loop takes whatever frames are ready across all cameras and handles them as one
-batch, DeepStream-style. A failure while handling one camera's frame is logged and counted
-and never stops the other cameras.
+batch, DeepStream-style. A frame a stage fails on is counted (``frames_failed_total``), logged
+rate-limited, and costs that frame only: the rest of the batch and the other cameras go on.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pipeline.classification import ExpressionClassifier
 from pipeline.config import PipelineConfig, SourceConfig
 from pipeline.detection import FaceDetection, FaceDetector, detect_frames
 from pipeline.events import EventPublisher, ExpressionEvent
+from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit
 from pipeline.metrics import PipelineMetrics
 from pipeline.sources import CameraSource, SourceStatus, VideoFrame
 
@@ -56,6 +57,7 @@ class StreamPipeline:
         self.models = models
         self.publisher = publisher
         self.on_events = on_events
+        self.failures = FrameFailures(metrics, log)
         self._sources: dict[str, CameraSource] = {}
         self._analyzers: dict[str, CameraAnalyzer] = {}
         self._lock = threading.Lock()
@@ -70,17 +72,25 @@ class StreamPipeline:
             self._sources[source_config.camera_id] = source
             classifier = self.models.classifier
             self._analyzers[source_config.camera_id] = CameraAnalyzer(
-                source_config.camera_id, self.config.tracker, classifier.classes, classifier.model_id, self.publisher, self.metrics
+                source_config.camera_id,
+                self.config.tracker,
+                classifier.classes,
+                classifier.model_id,
+                self.publisher,
+                self.metrics,
+                self.failures,
             )
         source.start()
         log.info("camera %s: added (%s)", source_config.camera_id, source_config.url)
 
-    def remove_camera(self, camera_id: str) -> None:
+    def remove_camera(self, camera_id: str, *, forget_series: bool = True) -> None:
+        """Stop the camera; its metric series go too unless ``forget_series`` is False."""
         with self._lock:
             source = self._sources.pop(camera_id)
             analyzer = self._analyzers.pop(camera_id)
         source.stop()
-        analyzer.close()
+        analyzer.close(forget_series)
+        self.failures.forget_camera(camera_id)
         log.info("camera %s: removed", camera_id)
 
     def statuses(self) -> list[SourceStatus]:
@@ -110,7 +120,8 @@ class StreamPipeline:
     def close(self) -> None:
         self.stop()
         for camera_id in [status.camera_id for status in self.statuses()]:
-            self.remove_camera(camera_id)
+            # Shutting down is not removing: the series stay for the last scrape and the exit summary.
+            self.remove_camera(camera_id, forget_series=False)
         self.publisher.close()
 
     def _collect_ready_frames(self) -> list[VideoFrame]:
@@ -124,34 +135,67 @@ class StreamPipeline:
         return [frame] if frame is not None else []
 
     def process(self, frames: Sequence[VideoFrame]) -> dict[str, list[ExpressionEvent]]:
-        """Detect, classify, track and publish one batch of frames (at most one per camera)."""
+        """Detect, classify, track and publish one batch of frames (at most one per camera).
+
+        A frame a model fails on is counted in ``frames_failed_total{camera,stage}`` and left
+        out; the other frames of the batch go on (``pipeline.isolation``).
+        """
         stage = self.metrics.stage_latency
         started = time.perf_counter()
-        detections = detect_frames(self.models.detector, [frame.image for frame in frames], self.models.detection_size)
+        detected = call_per_unit(self._detect, [[frame] for frame in frames], self._alone(frames, "detect"))
         stage.labels(stage="detect").observe(time.perf_counter() - started)
         self.metrics.batch_size.labels(stage="detect").observe(len(frames))
 
-        crops: list[np.ndarray] = []
-        for frame, found in zip(frames, detections, strict=True):
+        found_in: list[tuple[VideoFrame, list[FaceDetection]]] = []
+        for frame, result in zip(frames, detected, strict=True):
+            if isinstance(result, UnitFailure):
+                self.failures.record(frame.camera_id, "detect", frame.frame_index, result.error)
+            else:
+                found_in.append((frame, result[0]))
+        crops_of: list[tuple[VideoFrame, list[FaceDetection], list[np.ndarray]]] = []
+        for frame, found in found_in:
             self.metrics.faces_detected.labels(camera=frame.camera_id).inc(len(found))
-            crops.extend(self.models.classifier.crop(frame.image, found))
+            try:
+                crops_of.append((frame, found, self.models.classifier.crop(frame.image, found)))
+            except Exception as error:
+                self.failures.record(frame.camera_id, "classify", frame.frame_index, error)
         started = time.perf_counter()
-        probabilities = self.models.classifier.predict(crops)
-        if crops:
+        classified = call_per_unit(
+            self.models.classifier.predict,
+            [crops for _frame, _found, crops in crops_of],
+            self._alone([frame for frame, _found, _crops in crops_of], "classify"),
+        )
+        crop_count = sum(len(crops) for _frame, _found, crops in crops_of)
+        if crop_count:
             stage.labels(stage="classify").observe(time.perf_counter() - started)
-            self.metrics.batch_size.labels(stage="classify").observe(len(crops))
+            self.metrics.batch_size.labels(stage="classify").observe(crop_count)
 
         published: dict[str, list[ExpressionEvent]] = {}
-        offset = 0
-        for frame, found in zip(frames, detections, strict=True):
-            frame_probabilities = probabilities[offset : offset + len(found)]
-            offset += len(found)
+        classes = len(self.models.classifier.classes)
+        for (frame, found, _crops), rows in zip(crops_of, classified, strict=True):
+            if isinstance(rows, UnitFailure):
+                self.failures.record(frame.camera_id, "classify", frame.frame_index, rows.error)
+                continue
+            probabilities = np.stack(rows) if rows else np.zeros((0, classes), np.float32)
             try:
-                published[frame.camera_id] = self._finish_frame(frame, found, frame_probabilities)
-            except Exception:
-                # One camera's bad frame must not cost the others theirs.
-                log.exception("camera %s: frame %d failed after the models", frame.camera_id, frame.frame_index)
+                published[frame.camera_id] = self._finish_frame(frame, found, probabilities)
+            except Exception as error:
+                # on_events (the caller's) failed: the frame's events are published already.
+                self.failures.log.error(
+                    (frame.camera_id, "on_events"),
+                    "camera %s: handling frame %d's events failed",
+                    frame.camera_id,
+                    frame.frame_index,
+                    exc_info=error,
+                )
         return published
+
+    def _alone(self, frames: Sequence[VideoFrame], stage: str) -> set[int]:
+        """The frames of cameras that failed this stage a moment ago: called on their own, not in the batch."""
+        return {index for index, frame in enumerate(frames) if self.failures.recently_failed(frame.camera_id, stage)}
+
+    def _detect(self, frames: list[VideoFrame]) -> list[list[FaceDetection]]:
+        return detect_frames(self.models.detector, [frame.image for frame in frames], self.models.detection_size)
 
     def _finish_frame(self, frame: VideoFrame, detections: Sequence[FaceDetection], probabilities: np.ndarray) -> list[ExpressionEvent]:
         with self._lock:

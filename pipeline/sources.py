@@ -44,6 +44,7 @@ import numpy as np
 
 from pipeline.backoff import Backoff
 from pipeline.config import SourceConfig, url_scheme
+from pipeline.log_limits import RepeatLimitedLog
 from pipeline.metrics import PipelineMetrics
 from pipeline.url_policy import local_path, protocol_whitelist
 
@@ -51,8 +52,6 @@ log = logging.getLogger("ferstream.sources")
 
 # A window long enough to smooth out a bursty network, short enough to show a stall quickly.
 RATE_WINDOW_S = 5.0
-# Errors of one kind are logged at most this often; a corrupt stream can raise one per packet.
-ERROR_LOG_INTERVAL_S = 1.0
 # A damaged file can fail to demux a few times in a row while FFmpeg resyncs; past this we
 # treat the rest of the file as unreadable instead of spinning on it.
 MAX_CONSECUTIVE_DEMUX_ERRORS = 16
@@ -344,8 +343,8 @@ class CameraSource:
         self._last_error: str | None = None
         self._decoded_rate = _RateMeter()
         self._processed_rate = _RateMeter()
-        self._error_log_times: dict[str, float] = {}
-        self._suppressed_errors: dict[str, int] = collections.defaultdict(int)
+        # A corrupt stream can raise an error per packet: each kind is logged once per interval, with a count.
+        self._error_log = RepeatLimitedLog(log)
 
         # Decode-thread-only state: no lock needed.
         self._timeline = _Timeline()
@@ -464,19 +463,11 @@ class CameraSource:
         self._metrics.frames_dropped.labels(camera=self.camera_id, reason=reason).inc()
 
     def _record_error(self, kind: str, message: str) -> None:
-        """Count a ``decode_errors{kind}`` and log it, at most once a second per kind."""
+        """Count a ``decode_errors{kind}`` and log it, rate-limited per kind (``pipeline.log_limits``)."""
         self._metrics.decode_errors.labels(camera=self.camera_id, kind=kind).inc()
-        now = time.monotonic()
         with self._cond:
             self._last_error = f"{kind}: {message}"
-            last = self._error_log_times.get(kind)
-            if last is not None and now - last < ERROR_LOG_INTERVAL_S:
-                self._suppressed_errors[kind] += 1
-                return
-            self._error_log_times[kind] = now
-            suppressed = self._suppressed_errors.pop(kind, 0)
-        more = f" ({suppressed} similar errors not logged)" if suppressed else ""
-        log.warning("camera %s: %s%s", self.camera_id, message, more)
+        self._error_log.warning(kind, "camera %s: %s", self.camera_id, message)
 
     # ------------------------------------------------------------------------------ decode thread
 

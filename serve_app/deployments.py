@@ -35,6 +35,8 @@ from pipeline.classification import ExpressionClassifier, crop_faces
 from pipeline.config import PipelineConfig, SourceConfig, apply_environment, parse_config
 from pipeline.detection import FaceDetection, build_detector, downscale_for_detection, scale_detections
 from pipeline.events import EventPublisher, redis_client
+from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit, describe_error
+from pipeline.log_limits import RepeatLimitedLog
 from pipeline.metrics import PipelineMetrics
 from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
 from pipeline.sources import CameraSource
@@ -98,6 +100,26 @@ async def run_batch(
     return result
 
 
+def per_item(model_call: Callable[[list[Any]], Any]) -> Callable[[list[Any]], list[Any]]:
+    """A batched model call whose items fail alone: the batch's result per item, or that item's
+    ``UnitFailure`` when the batch raised and so did the item on its own (``pipeline.isolation``).
+    ``@serve.batch`` hands each caller its own element, so one bad image fails one request."""
+
+    def call(items: list[Any]) -> list[Any]:
+        return [
+            result if isinstance(result, UnitFailure) else result[0] for result in call_per_unit(model_call, [[item] for item in items])
+        ]
+
+    return call
+
+
+def item_result(result: Any) -> Any:
+    """One request's element of a ``per_item`` batch: raise its failure to that caller only."""
+    if isinstance(result, UnitFailure):
+        raise result.error
+    return result
+
+
 def replica_metrics() -> PipelineMetrics:
     from serve_app.metrics import RayMetricFactory
 
@@ -116,11 +138,11 @@ class FaceDetectorDeployment:
         reconfigure_batching(self.detect_batch, self.batch_wait, user_config, "FaceDetector")
 
     async def detect(self, image: np.ndarray) -> list[FaceDetection]:
-        return await submit(self.detect_batch, self.batch_wait, image)
+        return item_result(await submit(self.detect_batch, self.batch_wait, image))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def detect_batch(self, images: list[np.ndarray]) -> list[list[FaceDetection]]:
-        return await run_batch(self.detector.detect_batch, images, self.batch_wait, self.metrics, "detect")
+    async def detect_batch(self, images: list[np.ndarray]) -> list[list[FaceDetection] | UnitFailure[np.ndarray]]:
+        return await run_batch(per_item(self.detector.detect_batch), images, self.batch_wait, self.metrics, "detect")
 
 
 @serve.deployment(name="ExpressionClassifier")
@@ -138,11 +160,11 @@ class ExpressionClassifierDeployment:
         return self.classifier.metadata
 
     async def classify(self, crop: np.ndarray) -> np.ndarray:
-        return await submit(self.classify_batch, self.batch_wait, crop)
+        return item_result(await submit(self.classify_batch, self.batch_wait, crop))
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def classify_batch(self, crops: list[np.ndarray]) -> list[np.ndarray]:
-        return list(await run_batch(self.classifier.predict, crops, self.batch_wait, self.metrics, "classify"))
+    async def classify_batch(self, crops: list[np.ndarray]) -> list[np.ndarray | UnitFailure[np.ndarray]]:
+        return await run_batch(per_item(self.classifier.predict), crops, self.batch_wait, self.metrics, "classify")
 
 
 class CameraSession:
@@ -158,15 +180,19 @@ class CameraSession:
         classifier: DeploymentHandle,
         publisher: EventPublisher,
         metrics: PipelineMetrics,
+        failures: FrameFailures,
     ) -> None:
         self.camera = camera
+        self.failures = failures
         self.detection_size = pipeline_config.detector.detection_size
         self.metadata = metadata
         self.detector = detector
         self.classifier = classifier
         self.metrics = metrics
         self.source = CameraSource(camera, metrics)
-        self.analyzer = CameraAnalyzer(camera.camera_id, pipeline_config.tracker, metadata.classes, metadata.model_id, publisher, metrics)
+        self.analyzer = CameraAnalyzer(
+            camera.camera_id, pipeline_config.tracker, metadata.classes, metadata.model_id, publisher, metrics, failures
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ferstream-session-{camera.camera_id}", daemon=True)
 
@@ -191,23 +217,29 @@ class CameraSession:
                 if self.source.finished:
                     return
                 continue
-            try:
-                self._process(frame)
-            except Exception:
-                # A failed model call (a replica restarting, a timeout) costs this frame only.
-                log.exception("camera %s: frame %d failed", self.camera.camera_id, frame.frame_index)
+            self._process(frame)
 
     def _process(self, frame: Any) -> None:
+        """One frame through the models; a failed model call (a bad frame, a replica restarting, a
+        timeout) is counted in ``frames_failed_total`` and costs this frame only."""
         camera_id = self.camera.camera_id
-        small = downscale_for_detection(frame.image, self.detection_size)
-        found = self.detector.detect.remote(small.image).result(timeout_s=MODEL_CALL_TIMEOUT_S)
-        detections = scale_detections(found, small.scale)
+        try:
+            small = downscale_for_detection(frame.image, self.detection_size)
+            found = self.detector.detect.remote(small.image).result(timeout_s=MODEL_CALL_TIMEOUT_S)
+            detections = scale_detections(found, small.scale)
+        except Exception as error:
+            self.failures.record(camera_id, "detect", frame.frame_index, error)
+            return
         self.metrics.faces_detected.labels(camera=camera_id).inc(len(detections))
-        crops = crop_faces(frame.image, detections, self.metadata)
-        # One request per face: the classifier's @serve.batch groups faces across all frames.
-        responses = [self.classifier.classify.remote(crop) for crop in crops]
-        rows = [response.result(timeout_s=MODEL_CALL_TIMEOUT_S) for response in responses]
-        probabilities = np.stack(rows) if rows else np.zeros((0, len(self.metadata.classes)), np.float32)
+        try:
+            crops = crop_faces(frame.image, detections, self.metadata)
+            # One request per face: the classifier's @serve.batch groups faces across all frames.
+            responses = [self.classifier.classify.remote(crop) for crop in crops]
+            rows = [response.result(timeout_s=MODEL_CALL_TIMEOUT_S) for response in responses]
+            probabilities = np.stack(rows) if rows else np.zeros((0, len(self.metadata.classes)), np.float32)
+        except Exception as error:
+            self.failures.record(camera_id, "classify", frame.frame_index, error)
+            return
         self.analyzer.analyze(frame, detections, probabilities)
 
 
@@ -224,6 +256,8 @@ class IngestDeployment:
         self.classifier = classifier
         self.metrics = replica_metrics()
         self.publisher = EventPublisher(self.config.events, self.metrics)
+        self.failures = FrameFailures(self.metrics, log)
+        self._reconcile_log = RepeatLimitedLog(log)
         events = self.config.events
         self.registry = CameraRegistry(
             redis_client(events.redis_url, events.socket_timeout_s, events.password_value), events.stream_prefix, LEASE_S
@@ -246,11 +280,11 @@ class IngestDeployment:
             raise RuntimeError("the camera reconciler thread died")
 
     def describe(self) -> dict[str, Any]:
-        """This replica's cameras and live ferstream threads (for operators and the tests)."""
+        """This replica's cameras, live ferstream threads and frames lost per camera and stage (for operators and the tests)."""
         with self._lock:
             cameras = sorted(self.sessions)
         threads = sorted(t.name for t in threading.enumerate() if t.name.startswith("ferstream-") and t.name != "ferstream-reconciler")
-        return {"worker_id": self.worker_id, "cameras": cameras, "threads": threads}
+        return {"worker_id": self.worker_id, "cameras": cameras, "threads": threads, "frames_failed": self.failures.counts()}
 
     def __del__(self) -> None:
         self._stop.set()
@@ -266,9 +300,11 @@ class IngestDeployment:
                 with self._lock:
                     statuses = [status_to_dict(session.source.status(), self.worker_id) for session in self.sessions.values()]
                 self.registry.put_statuses(statuses, ttl_s=LEASE_S)
-            except Exception:
+            except Exception as error:
                 # Redis unreachable or similar: running cameras keep running; try again next tick.
-                log.exception("ingest %s: reconcile failed", self.worker_id)
+                self._reconcile_log.error(
+                    type(error).__name__, "ingest %s: reconcile failed: %s", self.worker_id, describe_error(error), exc_info=error
+                )
 
     def _model_metadata(self) -> ModelMetadata:
         if self._metadata is None:
@@ -276,7 +312,9 @@ class IngestDeployment:
         return self._metadata
 
     def _start_session(self, camera: SourceConfig) -> None:
-        session = CameraSession(camera, self.config, self._model_metadata(), self.detector, self.classifier, self.publisher, self.metrics)
+        session = CameraSession(
+            camera, self.config, self._model_metadata(), self.detector, self.classifier, self.publisher, self.metrics, self.failures
+        )
         session.start()
         with self._lock:
             self.sessions[camera.camera_id] = session
@@ -287,6 +325,7 @@ class IngestDeployment:
             session = self.sessions.pop(camera_id, None)
         if session is not None:
             session.stop()
+            self.failures.forget_camera(camera_id)
             log.info("ingest %s: camera %s stopped", self.worker_id, camera_id)
 
 

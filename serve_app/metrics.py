@@ -8,7 +8,7 @@ each series with its replica, and KubeRay/kube-prometheus-stack know how to scra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ray.util import metrics as ray_metrics
@@ -48,6 +48,13 @@ class RayMetric(_BoundMetric):
             child = self._children[key] = _BoundMetric(self._metric, dict(zip(self._label_names, key, strict=True)))
         return child
 
+    def forget(self, matching: Mapping[str, str]) -> None:
+        """Drop the children whose labels include ``matching``. ``ray.util.metrics`` has no call to
+        delete an exported series, so Ray keeps exporting what was recorded (``stream_up`` is 0 by then)."""
+        positions = {self._label_names.index(name): value for name, value in matching.items()}
+        for key in [key for key in self._children if all(key[index] == value for index, value in positions.items())]:
+            del self._children[key]
+
 
 class RayMetricFactory:
     def __init__(self, namespace: str = NAMESPACE) -> None:
@@ -65,3 +72,6 @@ class RayMetricFactory:
     def histogram(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> RayMetric:
         metric = ray_metrics.Histogram(self._name(name), documentation, boundaries=[float(b) for b in buckets], tag_keys=tuple(labels))
         return RayMetric(metric, labels)
+
+    def remove_series(self, family: RayMetric, label_names: Sequence[str], matching: Mapping[str, str]) -> None:
+        family.forget(matching)

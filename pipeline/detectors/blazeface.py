@@ -84,7 +84,8 @@ def decode(raw_boxes: np.ndarray, raw_scores: np.ndarray, anchors: np.ndarray, i
     return np.concatenate([boxes, keypoints.reshape(-1, 12)], axis=1).astype(np.float32)
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def _overlaps(box: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Intersection areas of ``box`` with each of ``boxes``, the box's area and theirs."""
     x1 = np.maximum(box[0], boxes[:, 0])
     y1 = np.maximum(box[1], boxes[:, 1])
     x2 = np.minimum(box[2], boxes[:, 2])
@@ -92,7 +93,28 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
     area = (box[2] - box[0]) * (box[3] - box[1])
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter, area, areas
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    inter, area, areas = _overlaps(box, boxes)
     return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def suppress_contained(rows: np.ndarray, threshold: float) -> np.ndarray:
+    """Drops each row that covers more than ``threshold`` of a smaller or equal box, or is covered that much
+    by one, keeping the higher score. Tiles see one face with different context and give boxes that are
+    shifted rather than overlapping (IoU under the NMS threshold), but one mostly inside the other."""
+    order = np.argsort(-rows[:, 4], kind="stable")
+    remaining = rows[order]
+    kept = []
+    while len(remaining):
+        inter, area, areas = _overlaps(remaining[0], remaining)
+        covered = inter / np.maximum(np.minimum(area, areas), 1e-9) > threshold
+        covered[0] = True
+        kept.append(remaining[0])
+        remaining = remaining[~covered]
+    return np.array(kept, dtype=np.float32).reshape(-1, rows.shape[1])
 
 
 def weighted_nms(candidates: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -115,11 +137,14 @@ def weighted_nms(candidates: np.ndarray, iou_threshold: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Letterbox:
-    """Where an image sits in the square the model sees: model pixels = (image pixels + pad) / scale."""
+    """Where a view of the image sits in the square the model sees: model pixels = (view pixels + pad) / scale,
+    and the view's top-left corner is at ``origin`` in the image (a tile's offset; 0 for the whole frame)."""
 
     side: float
     pad_x: float
     pad_y: float
+    origin_x: float = 0.0
+    origin_y: float = 0.0
 
 
 def letterbox(image: np.ndarray, input_size: int) -> tuple[np.ndarray, Letterbox]:
@@ -135,23 +160,66 @@ def letterbox(image: np.ndarray, input_size: int) -> tuple[np.ndarray, Letterbox
     return rgb * (2.0 / 255.0) - 1.0, Letterbox(side=float(side), pad_x=pad_x, pad_y=pad_y)
 
 
-def to_detections(rows: np.ndarray, placement: Letterbox, min_face_size: int) -> list[FaceDetection]:
-    """Rows of :func:`weighted_nms` in image pixels. Keypoints are given eyes first in image order
+# Two boxes from different views count as one face when the intersection covers this much of the smaller.
+CROSS_VIEW_OVERLAP = 0.5
+
+Window = tuple[int, int, int, int]  # x0, y0, x1, y1 in image pixels, end exclusive
+
+
+def tile_windows(width: int, height: int, columns: int, rows: int, overlap: float) -> list[Window]:
+    """``columns`` x ``rows`` windows covering the image, neighbours sharing ``overlap`` of a window's
+    side, so a face smaller than the shared strip is whole in at least one window."""
+
+    def spans(length: int, count: int) -> list[tuple[int, int]]:
+        if count == 1:
+            return [(0, length)]
+        size = length / (count - overlap * (count - 1))
+        step = size * (1.0 - overlap)
+        return [(round(i * step), min(length, round(i * step + size))) for i in range(count)]
+
+    return [(x0, y0, x1, y1) for y0, y1 in spans(height, rows) for x0, x1 in spans(width, columns)]
+
+
+def to_pixels(rows: np.ndarray, placement: Letterbox) -> np.ndarray:
+    """Rows of :func:`decode` (model-normalised) with box and keypoints in image pixels; the score stays."""
+    pixels = rows.copy()
+    # Coordinates * side - pad + origin, for the two box corners and six keypoints at once.
+    offset = np.array([placement.origin_x - placement.pad_x, placement.origin_y - placement.pad_y], dtype=np.float32)
+    points = np.concatenate([rows[:, 0:4], rows[:, 5:17]], axis=1).reshape(-1, 8, 2) * placement.side + offset
+    pixels[:, 0:4] = points[:, :2].reshape(-1, 4)
+    pixels[:, 5:17] = points[:, 2:].reshape(-1, 12)
+    return pixels
+
+
+def inside_window(rows: np.ndarray, window: Window, width: int, height: int, margin: float) -> np.ndarray:
+    """Which pixel rows stay clear of the window's inner edges. A box that reaches an edge the window
+    shares with a neighbour is a cut face; the neighbour or the whole-frame pass sees it whole."""
+    x0, y0, x1, y1 = window
+    keep = np.ones(len(rows), dtype=bool)
+    if x0 > 0:
+        keep &= rows[:, 0] > x0 + margin
+    if y0 > 0:
+        keep &= rows[:, 1] > y0 + margin
+    if x1 < width:
+        keep &= rows[:, 2] < x1 - margin
+    if y1 < height:
+        keep &= rows[:, 3] < y1 - margin
+    return keep
+
+
+def to_detections(rows: np.ndarray, min_face_size: int) -> list[FaceDetection]:
+    """Pixel rows (see :func:`to_pixels`) as detections. Keypoints are given eyes first in image order
     (left, right), then nose, mouth and the two ear tragions."""
-    # All rows mapped back to image pixels at once: coordinates * side - pad.
-    offset = np.array([placement.pad_x, placement.pad_y], dtype=np.float32)
-    boxes = rows[:, 0:4].reshape(-1, 2, 2) * placement.side - offset
-    keypoints = rows[:, 5:17].reshape(-1, 6, 2) * placement.side - offset
     detections = []
-    for box, points, score in zip(boxes, keypoints, rows[:, 4], strict=True):
-        (x1, y1), (x2, y2) = (float(v) for v in box[0]), (float(v) for v in box[1])
+    for row in rows:
+        x1, y1, x2, y2 = (float(v) for v in row[0:4])
         if min(x2 - x1, y2 - y1) < min_face_size:
             continue
+        points = row[5:17].reshape(6, 2)
         # The model's first keypoint is the subject's right eye; order the eyes as they appear.
-        eyes = sorted([tuple(points[0]), tuple(points[1])])
-        rest = [tuple(p) for p in points[2:]]
-        landmarks = tuple((float(x), float(y)) for x, y in [*eyes, *rest])
-        detections.append(FaceDetection(box=(x1, y1, x2, y2), score=float(score), landmarks=landmarks))
+        eyes = sorted([(float(points[0, 0]), float(points[0, 1])), (float(points[1, 0]), float(points[1, 1]))])
+        rest = [(float(x), float(y)) for x, y in points[2:]]
+        detections.append(FaceDetection(box=(x1, y1, x2, y2), score=float(row[4]), landmarks=(*eyes, *rest)))
     return detections
 
 
@@ -231,16 +299,48 @@ class BlazeFaceDetector:
         else:
             self._runtime = TorchRuntime(Path(path), config.threads, config.device)
 
+    def views(self, image: np.ndarray) -> list[Window]:
+        """The windows one image is detected in: the whole frame, then the tiles when tiling is on."""
+        height, width = image.shape[:2]
+        columns, rows = self.config.tiles
+        whole = (0, 0, width, height)
+        if columns == rows == 1:
+            return [whole]
+        tiles = tile_windows(width, height, columns, rows, self.config.tile_overlap)
+        # A tile that cannot hold a face of the minimum size (a tiny or strip-shaped frame) is not worth a model call.
+        smallest = self.config.min_face_size
+        return [whole, *(w for w in tiles if w[2] - w[0] >= smallest and w[3] - w[1] >= smallest)]
+
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[FaceDetection]]:
         if not images:
             return []
-        prepared = [letterbox(image, self.spec.input_size) for image in images]
-        raw_boxes, raw_scores = self._runtime.run(np.stack([tensor for tensor, _ in prepared]))
+        windows = [self.views(image) for image in images]
+        tensors, placements = [], []
+        for image, image_windows in zip(images, windows, strict=True):
+            for x0, y0, x1, y1 in image_windows:
+                tensor, placement = letterbox(image[y0:y1, x0:x1], self.spec.input_size)
+                tensors.append(tensor)
+                placements.append(Letterbox(placement.side, placement.pad_x, placement.pad_y, float(x0), float(y0)))
+        # Every view of every image in one runtime call (one batch on torch).
+        raw_boxes, raw_scores = self._runtime.run(np.stack(tensors))
         if raw_boxes.shape[1] != len(self.anchors):
             raise ValueError(f"detector.model: the model gives {raw_boxes.shape[1]} anchors, {self.config.model} has {len(self.anchors)}")
         results = []
-        for boxes, scores, (_, placement) in zip(raw_boxes, raw_scores, prepared, strict=True):
-            candidates = decode(boxes, scores, self.anchors, self.spec.input_size, self.config.score_threshold)
+        view = 0
+        for image, image_windows in zip(images, windows, strict=True):
+            height, width = image.shape[:2]
+            found = []
+            for window in image_windows:
+                candidates = decode(raw_boxes[view], raw_scores[view], self.anchors, self.spec.input_size, self.config.score_threshold)
+                pixels = to_pixels(candidates, placements[view])
+                if window != (0, 0, width, height):
+                    pixels = pixels[inside_window(pixels, window, width, height, margin=1.0)]
+                found.append(pixels)
+                view += 1
+            # One merge over all views: a face seen whole by the frame pass and by a tile becomes one box.
+            candidates = np.concatenate(found)
             merged = weighted_nms(candidates, self.config.nms_iou) if len(candidates) else candidates
-            results.append(to_detections(merged, placement, self.config.min_face_size))
+            if len(image_windows) > 1 and len(merged):
+                merged = suppress_contained(merged, CROSS_VIEW_OVERLAP)
+            results.append(to_detections(merged, self.config.min_face_size))
         return results

@@ -5,7 +5,7 @@
 - ``publisher``: ``EventPublisher``, transport-neutral buffering, ordering and retry.
 - ``sink``: the ``EventSink`` interface a transport implements; ``sinks.build_sink`` picks one from the config.
 - ``redis_sink``: Redis Streams (the default); ``jsonl_sink``: JSON lines to a file or stdout.
-- ``readers``: ``EventSubscriber`` and ``tail`` on the Redis streams.
+- ``readers``: ``EventSubscriber`` (consumer groups, claiming of dead consumers' entries, trimming losses counted) and ``tail``.
 """
 
 from pipeline.events.jsonl_sink import JsonLinesSink
@@ -18,6 +18,7 @@ from pipeline.events.record import (
     EventValidationError,
     ExpressionEvent,
     event_schema,
+    new_run_id,
     validate_event_dict,
 )
 from pipeline.events.redis_sink import RETRYABLE_ERRORS, RedisStreamSink, redis_client, stream_key
@@ -42,6 +43,7 @@ __all__ = [
     "StreamMessage",
     "build_sink",
     "event_schema",
+    "new_run_id",
     "redis_client",
     "stream_key",
     "tail",

@@ -3,8 +3,9 @@
 Delivery is at-least-once: the publisher never raises into the pipeline when its sink is
 unavailable, it buffers a bounded number of events in memory and a background thread
 delivers them, in order, when the sink comes back. A write that failed half-way can be
-retried whole, so a consumer may (rarely) see an event twice; ``(camera_id, frame_index,
-track_id)`` identifies an event for de-duplication.
+retried whole, so a consumer may (rarely) see an event twice; ``(camera_id, run_id,
+frame_index, track_id)`` identifies an event for de-duplication (``run_id`` is new at every
+start of a camera, so the key does not repeat after a restart).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.events.policy import EmissionPolicy
 from pipeline.events.record import ExpressionEvent
 from pipeline.events.sink import EventSink, EventSinkUnavailable
 from pipeline.events.sinks import build_sink
+from pipeline.log_limits import RepeatLimitedLog
 from pipeline.metrics import PipelineMetrics
 
 log = logging.getLogger("ferstream.events")
@@ -77,6 +79,7 @@ class EventPublisher:
         self._overflow_logged = False  # one warning per outage, not one per dropped event
         self._flusher: threading.Thread | None = None
         self._wake = threading.Event()  # cuts a backoff sleep short (flush(), close())
+        self._log = RepeatLimitedLog(log)
 
     # -- public API -----------------------------------------------------------------------------
     def publish(self, camera_id: str, events: list[ExpressionEvent]) -> list[ExpressionEvent]:
@@ -94,7 +97,7 @@ class EventPublisher:
             stamped = [event.with_publish_time(now) for event in selected]
             with self._cond:
                 if self._closed:
-                    log.warning("camera %s: publish after close; %d events dropped", camera_id, len(stamped))
+                    self._log.warning(camera_id, "camera %s: publish after close; %d events dropped", camera_id, len(stamped))
                     self.metrics.events_dropped.labels(camera=camera_id, reason="closed").inc(len(stamped))
                     return stamped
                 write_now = not self._degraded

@@ -1,4 +1,5 @@
-"""Reading events back from Redis Streams: ``EventSubscriber`` (consumer groups) and ``tail`` (plain XREAD)."""
+"""Reading events back from Redis Streams: ``EventSubscriber`` (consumer groups, claiming of dead
+consumers' entries, counting of entries lost to trimming) and ``tail`` (plain XREAD)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, TextIO
 
 import redis
@@ -16,6 +17,8 @@ from pipeline.backoff import Backoff
 from pipeline.config import BackoffConfig
 from pipeline.events.record import ExpressionEvent
 from pipeline.events.redis_sink import redis_client, stream_key
+from pipeline.log_limits import RepeatLimitedLog
+from pipeline.metrics import SubscriberMetrics
 
 log = logging.getLogger("ferstream.events")
 
@@ -45,6 +48,55 @@ def _stream_entries(response: Any) -> list[tuple[str, list[tuple[Any, Any]]]]:
     return result
 
 
+# Entries trimmed (XADD MAXLEN ~) before the group read them: count them and resynchronise the group's
+# entries-read, atomically, so that each loss is counted once whichever consumer of the group checks.
+# Redis >= 7 keeps ``entries-added`` per stream and ``entries-read`` per group: the entries before the
+# first one still in the stream number entries-added - length, and those the group never read among
+# them are that minus entries-read. Redis does not correct entries-read when it skips a trimmed gap
+# (it goes on counting from the old value), hence the XGROUP SETID ... ENTRIESREAD after a count.
+# Reply: {lost, how}: how 0 nothing trimmed unread, 1 counted, 2 trimmed past the group but the
+# server keeps no counters to count with (Redis < 7: ids compared only), 3 counted and
+# entries-read was unknown (lost is -1).
+TRIM_CHECK_LUA = """
+local function field(reply, name)
+  for i = 1, #reply, 2 do
+    if reply[i] == name then return reply[i + 1] end
+  end
+  return nil
+end
+local function older(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+local stream = redis.call('XINFO', 'STREAM', KEYS[1])
+local first = field(stream, 'first-entry')
+if not first then return {0, 0} end
+local group = nil
+for _, candidate in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  if field(candidate, 'name') == ARGV[1] then group = candidate end
+end
+if not group then return {0, 0} end
+local last = field(group, 'last-delivered-id')
+if not older(last, first[1]) then return {0, 0} end
+local added = field(stream, 'entries-added')
+if not added then return {0, 2} end
+local before = added - field(stream, 'length')
+if before <= 0 then return {0, 0} end
+local read = field(group, 'entries-read')
+if not read then
+  redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', before)
+  return {-1, 3}
+end
+local lost = before - read
+if lost <= 0 then return {0, 0} end
+redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', before)
+return {lost, 1}
+"""
+
+
 class EventSubscriber:
     """Reads camera streams through a consumer group, so several consumers can share the work
     and a restarted consumer loses nothing.
@@ -53,6 +105,22 @@ class EventSubscriber:
     acked: id ``0``), then new ones (``>``). Ack each message with ``ack`` once it is
     handled. ``start_id`` only matters when the group is created: ``$`` new events only,
     ``0`` the whole retained stream.
+
+    Consumer names: pending entries belong to a consumer *name*, and a restarted consumer gets
+    its own back only under the same name. Give each consumer a name that survives its restarts
+    and is unique in the group: a StatefulSet pod's name (``analytics-0``), or a fixed name per
+    host or worker slot; never one that changes with every pod or process (a random suffix, a
+    Deployment pod's generated name). The entries of a name that never comes back are found by
+    ``XAUTOCLAIM``: every ``maintenance_interval_s`` this subscriber claims entries that have
+    been pending on any consumer of the group for more than ``claim_idle_ms`` (``None``: never)
+    and delivers them as its own. ``claim_idle_ms`` must be longer than a consumer takes to
+    handle and ack a message, or a slow but live consumer's entries are delivered twice.
+
+    Trimming: ``XADD MAXLEN`` drops the oldest entries whether the group read them or not. The
+    same maintenance counts entries trimmed before the group read them
+    (``events_lost_to_trim{state="unread"}``, from ``XINFO`` ``entries-added``/``entries-read``,
+    Redis >= 7) and pending entries trimmed before they were acked (``state="pending"``), in
+    ``metrics`` (a ``SubscriberMetrics``; by default on a private registry, ``self.metrics.registry``).
     """
 
     def __init__(
@@ -67,17 +135,29 @@ class EventSubscriber:
         block_ms: int = 1000,
         count: int = 100,
         socket_timeout_s: float = 5.0,
+        claim_idle_ms: int | None = 60_000,
+        maintenance_interval_s: float = 5.0,
+        metrics: SubscriberMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         cameras = [camera_ids] if isinstance(camera_ids, str) else list(camera_ids)
         if not cameras:
             raise ValueError("subscribe to at least one camera")
+        if claim_idle_ms is not None and claim_idle_ms < 1:
+            raise ValueError(f"claim_idle_ms must be >= 1 ms or None, got {claim_idle_ms}")
+        if maintenance_interval_s < 0:
+            raise ValueError(f"maintenance_interval_s must be >= 0, got {maintenance_interval_s}")
         self.prefix = prefix
         self.group = group
         self.consumer = consumer
         self.start_id = start_id
         self.block_ms = block_ms
         self.count = count
+        self.claim_idle_ms = claim_idle_ms
+        self.maintenance_interval_s = maintenance_interval_s
+        self.metrics = metrics if metrics is not None else SubscriberMetrics()
         self.streams = [stream_key(prefix, camera) for camera in cameras]
+        self._camera_of = {stream_key(prefix, camera): camera for camera in cameras}
         self._owns_client = isinstance(client_or_url, str)
         # The read timeout must outlast BLOCK, or every idle wait would end as a TimeoutError.
         if isinstance(client_or_url, str):
@@ -85,7 +165,12 @@ class EventSubscriber:
         else:
             self.client = client_or_url
         self._cursor = dict.fromkeys(self.streams, "0")  # "0": replaying own pending; ">": new
+        self._claim_cursor = dict.fromkeys(self.streams, "0-0")  # where the next XAUTOCLAIM pass goes on
         self._groups_ready = False
+        self._clock = clock
+        self._next_maintenance = clock()  # at once: a restarted consumer claims what a dead one left
+        self._trim_check = self.client.register_script(TRIM_CHECK_LUA)
+        self._log = RepeatLimitedLog(log)
 
     def ensure_groups(self, start_id: str | None = None) -> None:
         """XGROUP CREATE ... MKSTREAM on every stream; an existing group is left as it is."""
@@ -98,8 +183,9 @@ class EventSubscriber:
         self._groups_ready = True
 
     def read(self, block_ms: int | None = None, count: int | None = None) -> list[StreamMessage]:
-        """One batch: own pending entries while there are any, otherwise new entries (waiting
-        up to ``block_ms``). Empty when nothing arrived in time."""
+        """One batch: own pending entries while there are any, then (when maintenance is due)
+        entries claimed from consumers that left them idle, otherwise new entries (waiting up to
+        ``block_ms``). Empty when nothing arrived in time."""
         if not self._groups_ready:
             self.ensure_groups()
         try:
@@ -127,10 +213,82 @@ class EventSubscriber:
             messages = self._decode(reply)
             if messages:
                 return messages
+        if self._clock() >= self._next_maintenance:
+            claimed = self._maintain(count)
+            if claimed:
+                return claimed
         reply = _stream_entries(
             self.client.xreadgroup(self.group, self.consumer, dict.fromkeys(self.streams, ">"), count=count, block=block_ms)
         )
         return self._decode(reply)
+
+    # -- maintenance: dead consumers' entries and trimming -------------------------------------
+    def _maintain(self, count: int) -> list[StreamMessage]:
+        """Count what trimming took from the group, then claim idle entries (up to ``count``)."""
+        for stream in self.streams:
+            self._count_trimmed_unread(stream)
+        claimed = self.claim_idle(count) if self.claim_idle_ms is not None else []
+        if len(claimed) >= count or any(cursor != "0-0" for cursor in self._claim_cursor.values()):
+            self._next_maintenance = self._clock()  # maybe more to claim: go on at the next read
+        else:
+            self._next_maintenance = self._clock() + self.maintenance_interval_s
+        return claimed
+
+    def claim_idle(self, count: int | None = None, min_idle_ms: int | None = None) -> list[StreamMessage]:
+        """XAUTOCLAIM: take over entries pending longer than ``min_idle_ms`` (default ``claim_idle_ms``)
+        on any consumer of the group, up to ``count``, and return them as this consumer's messages."""
+        idle_ms = min_idle_ms if min_idle_ms is not None else self.claim_idle_ms
+        if idle_ms is None:
+            raise ValueError("claim_idle needs min_idle_ms when the subscriber has claim_idle_ms=None")
+        want = count or self.count
+        messages: list[StreamMessage] = []
+        for stream in self.streams:
+            if len(messages) >= want:
+                break
+            cursor = self._claim_cursor[stream]
+            reply = self.client.xautoclaim(stream, self.group, self.consumer, idle_ms, start_id=cursor, count=want - len(messages))
+            next_cursor, entries = _text(reply[0]), reply[1] or []
+            # Redis >= 7 removes pending ids whose entries were trimmed and lists them third.
+            deleted = reply[2] if len(reply) > 2 else []
+            self._claim_cursor[stream] = next_cursor
+            if deleted:
+                self._lost_pending(stream, len(deleted))
+            present = [(raw_id, fields) for raw_id, fields in entries if fields]
+            if len(present) < len(entries):  # Redis 6.2 returns trimmed entries with no fields instead
+                self._lost_pending(stream, len(entries) - len(present))
+                self.ack(stream, *(_text(raw_id) for raw_id, fields in entries if not fields))
+            claimed = self._decode([(stream, present)])
+            if present:
+                self.metrics.events_claimed.labels(camera=self._camera_of[stream], group=self.group).inc(len(present))
+                log.info("%s: claimed %d entries idle > %d ms for consumer %s", stream, len(present), idle_ms, self.consumer)
+            messages.extend(claimed)
+        return messages
+
+    def _count_trimmed_unread(self, stream: str) -> None:
+        lost, how = (int(value) for value in self._trim_check(keys=[stream], args=[self.group]))
+        camera = self._camera_of[stream]
+        if how in (1, 3):
+            if lost > 0:
+                self.metrics.events_lost_to_trim.labels(camera=camera, group=self.group, state="unread").inc(lost)
+            self._log.warning(
+                (stream, "trimmed"),
+                "%s: %s entries trimmed before group %s read them (raise events.maxlen, or add consumers)",
+                stream,
+                lost if lost >= 0 else "an unknown number of",
+                self.group,
+            )
+        elif how == 2:
+            self._log.warning(
+                (stream, "trimmed"),
+                "%s: entries may have been trimmed before group %s read them; this Redis keeps no entries-added"
+                " counter to count them with (Redis >= 7 does)",
+                stream,
+                self.group,
+            )
+
+    def _lost_pending(self, stream: str, lost: int) -> None:
+        self.metrics.events_lost_to_trim.labels(camera=self._camera_of[stream], group=self.group, state="pending").inc(lost)
+        self._log.warning((stream, "pending"), "%s: %d pending entries trimmed before they were acked", stream, lost)
 
     def _decode(self, reply: list[tuple[str, list[tuple[Any, Any]]]]) -> list[StreamMessage]:
         messages = []
@@ -139,7 +297,7 @@ class EventSubscriber:
                 message_id = _text(raw_id)
                 if not fields:
                     # Pending but trimmed away by MAXLEN before it was acked: nothing to redeliver.
-                    log.warning("%s %s: pending entry no longer in the stream; acking it", stream, message_id)
+                    self._lost_pending(stream, 1)
                     self.ack(stream, message_id)
                     continue
                 try:
@@ -160,7 +318,7 @@ class EventSubscriber:
                 messages = self.read()
             except (redis.ConnectionError, redis.TimeoutError) as error:
                 delay = backoff.next_delay()
-                log.warning("reading events failed (%s); retrying in %.1fs", error, delay)
+                self._log.warning(("read", type(error).__name__), "reading events failed (%s); retrying in %.1fs", error, delay)
                 # Replay own pending entries again after a reconnect: a reply lost in transit
                 # leaves its entries pending for us.
                 self._cursor = dict.fromkeys(self.streams, "0")

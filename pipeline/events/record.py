@@ -13,18 +13,29 @@ import functools
 import json
 import math
 import operator
+import re
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 
-SCHEMA_VERSION = 1
+# 2 added run_id. Readers still decode version-1 entries (written before an upgrade), with run_id None.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SCHEMA_RESOURCE = "schemas/event.schema.json"
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def new_run_id() -> str:
+    """A fresh id for one start of a camera's analysis: random (UUID4, hex), so it never repeats across
+    restarts, replicas, lease handovers or a camera deleted and added again."""
+    return uuid.uuid4().hex
 
 
 class EventDecodeError(ValueError):
-    """A stream entry is not a valid version-1 event; ``field`` names the offending field."""
+    """A stream entry is not a valid event; ``field`` names the offending field."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"event field {field!r}: {message}")
@@ -35,6 +46,11 @@ class EventDecodeError(ValueError):
 class ExpressionEvent:
     """One tracked face in one processed frame.
 
+    ``(camera_id, run_id, frame_index, track_id)`` identifies it: ``frame_index`` and
+    ``track_id`` count from the start of a run (a camera's start on a process or replica), and
+    ``run_id`` is new for every start. A consumer de-duplicates on that key (or on the stream
+    entry id, for a write that was never retried).
+
     Values are normalised on construction (numpy scalars become Python ``int``/``float``,
     ``box`` a tuple), because upstream stages hand over numpy values and their ``repr``
     would leak into the stream encoding.
@@ -42,6 +58,7 @@ class ExpressionEvent:
 
     schema_version: int = SCHEMA_VERSION
     camera_id: str
+    run_id: str | None  # None only in version-1 events, which had none
     frame_index: int
     pts_s: float
     capture_time: float  # unix seconds, when the frame was decoded
@@ -64,6 +81,11 @@ class ExpressionEvent:
         if len(box) != 4:
             raise EventDecodeError("box", f"expected 4 values (x1, y1, x2, y2), got {len(box)}")
         object.__setattr__(self, "box", box)
+        if self.run_id is None:
+            if self.schema_version >= 2:
+                raise EventDecodeError("run_id", f"required from schema version 2 (this event is version {self.schema_version})")
+        elif not isinstance(self.run_id, str) or not RUN_ID_PATTERN.match(self.run_id):
+            raise EventDecodeError("run_id", f"expected 1-64 characters of [A-Za-z0-9_.:-], got {self.run_id!r:.80}")
         # A private copy: the dataclass is frozen, so nobody should be able to mutate it via
         # the dict the caller still holds.
         object.__setattr__(self, "probabilities", {str(name): _as_float("probabilities", p) for name, p in self.probabilities.items()})
@@ -84,6 +106,8 @@ class ExpressionEvent:
         fields: dict[str, str] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if value is None:  # run_id of a version-1 event: absent, as it was
+                continue
             if field.name == "box":
                 fields["box"] = json.dumps(list(value), separators=(",", ":"))
             elif field.name == "probabilities":
@@ -111,11 +135,13 @@ class ExpressionEvent:
                 raise EventDecodeError(name, "missing") from None
 
         version = _parse_int("schema_version", get("schema_version"))
-        if version != SCHEMA_VERSION:
-            raise EventDecodeError("schema_version", f"unsupported version {version} (this reader understands {SCHEMA_VERSION})")
+        if version not in READABLE_VERSIONS:
+            readable = ", ".join(str(v) for v in READABLE_VERSIONS)
+            raise EventDecodeError("schema_version", f"unsupported version {version} (this reader understands {readable})")
         return cls(
             schema_version=version,
             camera_id=_parse_nonempty("camera_id", get("camera_id")),
+            run_id=get("run_id") if version >= 2 else None,
             frame_index=_parse_int("frame_index", get("frame_index")),
             pts_s=_parse_float("pts_s", get("pts_s")),
             capture_time=_parse_float("capture_time", get("capture_time")),
@@ -236,7 +262,7 @@ class EventValidationError(ValueError):
 
 
 def validate_event_dict(data: Mapping[str, Any]) -> None:
-    """Validate a decoded event object (``to_json_dict`` form) against the version-1 schema.
+    """Validate a decoded event object (``to_json_dict`` form) against the schema (version ``SCHEMA_VERSION``).
 
     Raises ``EventValidationError`` (a ``ValueError``) for the most relevant problem.
     """

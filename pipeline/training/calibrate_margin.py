@@ -6,8 +6,8 @@ service feeds it :func:`pipeline.classification.crop_faces` crops of detector bo
 
 1. every image is padded (replicate border, ``--pad`` pixels per side) and upscaled ``--upscale``
    times (bilinear), so the detector sees a face that fills most of a small frame;
-2. the service's detector (``pipeline.detection.build_detector``; default ``DetectorConfig()``: MTCNN,
-   min face 20, threshold 0.9, or the ``detector:`` section of ``--config``) runs on those frames
+2. the service's detector (``pipeline.detection.build_detector``; default: the pipeline's default
+   detector, or the ``detector:`` section of ``--config``) runs on those frames
    through :func:`pipeline.detection.detect_frames`; with several faces, the highest score counts;
 3. on the images with a face, the classifier is scored on service crops of that frame for each
    ``--margins`` value (the checkpoint's metadata with ``face_margin`` replaced), and on the
@@ -37,7 +37,7 @@ import torch
 
 from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, load_checkpoint
 from pipeline.classification import crop_faces
-from pipeline.config import ConfigError, DetectorConfig, load_config
+from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.detection import FaceDetection, FaceDetector, build_detector, detect_frames
 from pipeline.training.data import DatasetError, add_dataset_arguments, load_split_from_args
 from pipeline.training.evaluate import predict_probabilities
@@ -215,7 +215,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         default=None,
-        help="pipeline YAML whose detector: section to use (default: the service's default detector, MTCNN min face 20, threshold 0.9)",
+        help="pipeline YAML whose detector: section to use (default: the service's default detector)",
     )
     parser.add_argument(
         "--margins",
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model_path = Path(args.model).expanduser() if args.model else default_checkpoint_path()
     try:
-        detector_config = load_config(args.config).detector if args.config else DetectorConfig()
+        detector_config = load_config(args.config).detector if args.config else PipelineConfig().detector
         model, metadata = load_checkpoint(model_path)
         loaded = load_split_from_args(args, args.data, args.split, metadata.resize_to, metadata.classes)
         detector = build_detector(detector_config)

@@ -55,5 +55,18 @@ def test_ended_tracks_and_removed_cameras_leave_no_policy_state() -> None:
     metrics.stream_up.labels(camera="cam1").set(1)
     analyzer.close()
     assert publisher.policy.tracked("cam1") == 0
-    assert sample(metrics, "ferstream_stream_up", {"camera": "cam1"}) == 0
+    # Its series are gone with it (the registry no longer names the camera).
+    assert metrics.registry.get_sample_value("ferstream_stream_up", {"camera": "cam1"}) is None
+    assert metrics.registry.get_sample_value("ferstream_classifications_total", {"camera": "cam1", "emotion": "happy"}) is None
+    publisher.close()
+
+
+def test_every_start_of_a_camera_has_its_own_run_id() -> None:
+    first, sink, _metrics, publisher = make_analyzer()
+    second = CameraAnalyzer("cam1", TrackerConfig(max_missed_frames=0, ema_alpha=1.0), CLASSES, "unit@1", publisher, PipelineMetrics())
+    face = FaceDetection(box=(0.0, 0.0, 50.0, 50.0), score=0.99)
+    for analyzer in (first, second):
+        analyzer.analyze(frame(0), [face], np.array([[0.8, 0.1, 0.1]], np.float32))
+    assert [(e.frame_index, e.track_id) for e in sink.written] == [(0, 1), (0, 1)]
+    assert sink.written[0].run_id == first.run_id != second.run_id == sink.written[1].run_id
     publisher.close()

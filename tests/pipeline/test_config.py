@@ -5,8 +5,10 @@ from pydantic import ValidationError
 
 from pipeline.config import (
     BackoffConfig,
+    BlazeFaceConfig,
     ClassifierConfig,
     ConfigError,
+    DetectorConfig,
     PipelineConfig,
     SourceConfig,
     load_config,
@@ -17,9 +19,25 @@ from pipeline.config import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["pipeline.yaml", "pipeline-gpu.yaml", "pipeline-onnx.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["pipeline.yaml", "pipeline-mtcnn.yaml", "pipeline-gpu.yaml", "pipeline-onnx.yaml", "demo.yaml"])
 def test_shipped_configs_are_valid(name):
     load_config(REPO / "configs" / name)
+
+
+def test_the_reference_config_lists_exactly_the_defaults():
+    # configs/pipeline.yaml says "every value below is the default": hold it to that.
+    assert load_config(REPO / "configs" / "pipeline.yaml").model_dump() == PipelineConfig().model_dump()
+    mtcnn = load_config(REPO / "configs" / "pipeline-mtcnn.yaml")
+    assert mtcnn.detector == DetectorConfig(kind="mtcnn")
+    assert mtcnn.model_dump(exclude={"detector"}) == PipelineConfig().model_dump(exclude={"detector"})
+
+
+def test_blazeface_is_the_default_detector_and_cuda_needs_its_torch_runtime():
+    assert PipelineConfig().detector == BlazeFaceConfig()
+    assert parse_config(PipelineConfig, {"detector": {"threads": 1}}, "test").detector.kind == "blazeface"
+    with pytest.raises(ConfigError, match=r"detector\.blazeface.*runtime 'torch'"):
+        parse_config(PipelineConfig, {"detector": {"device": "cuda"}}, "test")
+    assert load_config(REPO / "configs" / "pipeline-gpu.yaml").detector.runtime == "torch"
 
 
 def test_the_demo_config_has_a_camera():
@@ -57,7 +75,8 @@ def write(tmp_path: Path, text: str) -> Path:
         ("cameras: [{camera_id: 'bad id', url: x.mp4}]", "cameras.0.camera_id"),
         ("cameras: [{camera_id: a, url: x.mp4, transport: quic}]", "cameras.0.transport"),
         ("cameras: [{camera_id: a, url: x.mp4}, {camera_id: a, url: y.mp4}]", "cameras"),
-        ("detector: {score_threshold: 1.5}", "detector.mtcnn.score_threshold"),
+        ("detector: {score_threshold: 1.5}", "detector.blazeface.score_threshold"),
+        ("detector: {kind: mtcnn, score_threshold: 1.5}", "detector.mtcnn.score_threshold"),
         ("detector: {kind: yunet}", "detector.yunet"),
         ("detector: {kind: blazeface, threads: 0}", "detector.blazeface.threads"),
         ("events: {redis_url: 'http://x'}", "events.redis_url"),

@@ -1,16 +1,24 @@
-"""The single-process pipeline end to end: real clips, real MTCNN, the shipped model, a real redis-server."""
+"""The single-process pipeline: end to end with real clips, real MTCNN, the shipped model and a real redis-server;
+failure isolation with fake models."""
 
 from collections import Counter
+from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import redis
+from prometheus_client import generate_latest
 
+from pipeline.analysis import CameraAnalyzer
 from pipeline.classification import ExpressionClassifier
-from pipeline.config import PipelineConfig, parse_config
-from pipeline.detection import build_detector
+from pipeline.config import PipelineConfig, SourceConfig, parse_config
+from pipeline.detection import FaceDetection, build_detector
 from pipeline.events import EventPublisher, ExpressionEvent, stream_key, validate_event_dict
 from pipeline.metrics import PipelineMetrics
 from pipeline.runner import ModelStages, StreamPipeline
+from pipeline.sources import VideoFrame
+from tests.media import encode_test_clip
+from tests.pipeline.events.helpers import MemorySink
 
 PEOPLE = {"head-pose-face-detection-female-and-male": 2, "face-demographics-walking-and-pause": 3}
 
@@ -78,3 +86,158 @@ def test_a_broken_camera_does_not_stop_a_good_one(models, redis_server, shared_c
     assert read_events(redis_server.url, "missing") == []
     assert metrics.registry.get_sample_value("ferstream_decode_errors_total", {"camera": "missing", "kind": "open"}) >= 1
     assert metrics.registry.get_sample_value("ferstream_reconnects_total", {"camera": "unreachable"}) >= 1
+
+
+def test_a_camera_the_detector_fails_on_does_not_stop_a_good_one(models, redis_server, shared_clips, tmp_path):
+    # The issue's case: MTCNN has no image pyramid for a 1920x40 frame (640x13 after downscaling) and
+    # raised out of the whole batch, so `ferstream run` stopped the good camera too.
+    thin = encode_test_clip(tmp_path / "thin.mp4", frames=40, size=(1920, 40))
+    cameras = [
+        {"camera_id": "good", "url": str(shared_clips["face-demographics-walking-and-pause"]), "realtime": False, "target_fps": None},
+        {"camera_id": "thin", "url": str(thin), "realtime": False, "target_fps": None},
+    ]
+    pipeline, metrics = make_pipeline(models, redis_server.url, cameras)
+    try:
+        pipeline.run(max_seconds=120)
+    finally:
+        pipeline.close()
+    value = metrics.registry.get_sample_value
+    decoded = value("ferstream_frames_decoded_total", {"camera": "good"})
+    frames = {event.frame_index for event in read_events(redis_server.url, "good")}
+    assert decoded and len(frames) >= 0.9 * decoded, f"good camera: events for {len(frames)} of {decoded} frames"
+    assert value("ferstream_frames_failed_total", {"camera": "thin", "stage": "detect"}) == value(
+        "ferstream_frames_decoded_total", {"camera": "thin"}
+    )
+    assert value("ferstream_frames_decoded_total", {"camera": "thin"}) == 40
+    assert value("ferstream_frames_failed_total", {"camera": "good", "stage": "detect"}) is None
+    assert read_events(redis_server.url, "thin") == []
+
+
+# -- failure isolation with fake models (unit) ---------------------------------------------------------
+
+CLASSES = ("happy", "neutral", "sad")
+
+
+class ThinFrameDetector:
+    """Finds one face per frame; fails like MTCNN on a frame too thin for its image pyramid."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[list[FaceDetection]]:
+        self.batches.append(len(images))
+        if any(min(image.shape[:2]) < 20 for image in images):
+            raise ValueError("torch.cat(): expected a non-empty list of Tensors")
+        return [[FaceDetection(box=(1.0, 1.0, 30.0, 30.0), score=0.99)] for _ in images]
+
+
+class FakeClassifier:
+    """Crops are the frames' top-left pixel values; a crop of value 13 makes the model fail."""
+
+    classes = CLASSES
+    model_id = "fake@1"
+
+    def crop(self, image: np.ndarray, detections: Sequence[FaceDetection]) -> list[np.ndarray]:
+        return [image[:1, :1].copy() for _ in detections]
+
+    def predict(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        if any(int(crop[0, 0, 0]) == 13 for crop in crops):
+            raise RuntimeError("classifier exploded")
+        return np.tile(np.array([[0.7, 0.2, 0.1]], np.float32), (len(crops), 1))
+
+
+def fake_frame(camera_id: str, index: int, shape: tuple[int, int] = (64, 64), value: int = 0) -> VideoFrame:
+    return VideoFrame(camera_id, index, index / 5, 1_700_000_000.0 + index, np.full((*shape, 3), value, np.uint8))
+
+
+def fake_pipeline() -> tuple[StreamPipeline, MemorySink, PipelineMetrics]:
+    config = PipelineConfig()
+    metrics, sink = PipelineMetrics(), MemorySink()
+    models = ModelStages(ThinFrameDetector(), FakeClassifier(), 640)  # type: ignore[arg-type]
+    pipeline = StreamPipeline(config, metrics, models, EventPublisher(config.events, metrics, sink))
+    for camera_id in ("good", "thin", "odd"):
+        pipeline._analyzers[camera_id] = CameraAnalyzer(
+            camera_id, config.tracker, CLASSES, "fake@1", pipeline.publisher, metrics, pipeline.failures
+        )
+    return pipeline, sink, metrics
+
+
+def failed(metrics: PipelineMetrics, camera: str, stage: str) -> float | None:
+    return metrics.registry.get_sample_value("ferstream_frames_failed_total", {"camera": camera, "stage": stage})
+
+
+def test_a_frame_the_detector_fails_on_costs_that_frame_only() -> None:
+    pipeline, sink, metrics = fake_pipeline()
+    for index in range(3):
+        published = pipeline.process([fake_frame("good", index), fake_frame("thin", index, shape=(2, 1920))])
+        assert list(published) == ["good"] and len(published["good"]) == 1
+    assert [event.camera_id for event in sink.written] == ["good"] * 3
+    assert failed(metrics, "thin", "detect") == 3 and failed(metrics, "good", "detect") is None
+    assert metrics.registry.get_sample_value("ferstream_faces_detected_total", {"camera": "good"}) == 3
+    # The first batch: once together, then each frame alone; after that the failing camera's
+    # frames are called alone from the start, so the good camera's batch runs once.
+    assert pipeline.models.detector.batches == [2, 1, 1] + [1, 1] * 2
+    pipeline.publisher.close()
+
+
+def test_a_frame_the_classifier_fails_on_costs_that_frame_only() -> None:
+    pipeline, sink, metrics = fake_pipeline()
+    published = pipeline.process([fake_frame("good", 0), fake_frame("odd", 0, value=13), fake_frame("thin", 0, shape=(2, 1920))])
+    assert list(published) == ["good"]
+    assert failed(metrics, "odd", "classify") == 1 and failed(metrics, "thin", "detect") == 1
+    assert failed(metrics, "good", "classify") is None
+    assert [event.camera_id for event in sink.written] == ["good"]
+    pipeline.publisher.close()
+
+
+def test_a_frame_the_tracker_or_the_publisher_fails_on_costs_that_frame_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline, sink, metrics = fake_pipeline()
+
+    def broken_update(*_args: object) -> None:
+        raise IndexError("tracker bug")
+
+    monkeypatch.setattr(pipeline._analyzers["odd"].tracker, "update", broken_update)
+    published = pipeline.process([fake_frame("good", 0), fake_frame("odd", 0)])
+    assert published == {"good": sink.written, "odd": []} and len(sink.written) == 1
+    assert failed(metrics, "odd", "track") == 1
+
+    sink.error = TypeError("a sink bug, not an outage")  # not EventSinkUnavailable: publish raises
+    assert pipeline.process([fake_frame("good", 1)]) == {"good": []}
+    assert failed(metrics, "good", "publish") == 1
+    sink.error = None
+    assert len(pipeline.process([fake_frame("good", 2)])["good"]) == 1
+    pipeline.publisher.close()
+
+
+def test_removing_a_camera_removes_its_metric_series(tmp_path) -> None:
+    pipeline, sink, metrics = fake_pipeline()
+    clip = encode_test_clip(tmp_path / "clip.mp4", frames=10)
+    for camera_id in ("gone", "kept"):
+        pipeline.add_camera(SourceConfig(camera_id=camera_id, url=str(clip), realtime=False, target_fps=None))
+    pipeline.run(max_seconds=30)
+    assert metrics.registry.get_sample_value("ferstream_frames_decoded_total", {"camera": "gone"}) == 10
+    assert any(event.camera_id == "gone" for event in sink.written)
+    pipeline.remove_camera("gone")
+    exposition = generate_latest(metrics.registry).decode()
+    assert 'camera="gone"' not in exposition and 'camera="kept"' in exposition
+    pipeline.close()  # a shutdown keeps the series for the last scrape and the exit summary
+    assert metrics.registry.get_sample_value("ferstream_frames_decoded_total", {"camera": "kept"}) == 10
+    assert metrics.registry.get_sample_value("ferstream_stream_up", {"camera": "kept"}) == 0
+
+
+def test_event_keys_do_not_repeat_when_a_camera_is_removed_and_added_again(tmp_path) -> None:
+    pipeline, sink, _metrics = fake_pipeline()
+    clip = encode_test_clip(tmp_path / "clip.mp4", frames=10)
+    camera = SourceConfig(camera_id="lobby", url=str(clip), realtime=False, target_fps=None)
+    for _start in range(2):  # DELETE then POST of the same camera: the clip and its frame indices start again
+        pipeline.add_camera(camera)
+        pipeline.run(max_seconds=30)
+        pipeline.remove_camera("lobby")
+    events = [event for event in sink.written if event.camera_id == "lobby"]
+    assert len(events) == 20
+    old_keys = [(event.camera_id, event.frame_index, event.track_id) for event in events]
+    assert len(set(old_keys)) == 10  # what consumers de-duplicated on before run_id: real events would be dropped
+    keys = [(event.camera_id, event.run_id, event.frame_index, event.track_id) for event in events]
+    assert len(set(keys)) == 20
+    assert len({event.run_id for event in events}) == 2
+    pipeline.close()

@@ -78,7 +78,9 @@ class Service:
         prelude = (
             f"import json, ray; from ray import serve; ray.init(address={self.ray_address!r}, logging_level='ERROR', log_to_driver=False); "
         )
-        result = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120, check=True)
+        result = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            raise AssertionError(f"Ray driver exited {result.returncode}:\n{result.stderr[-3000:]}")
         return json.loads(result.stdout.strip().splitlines()[-1])
 
     def ingest(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,9 +13,13 @@ from pipeline.detectors.blazeface import (
     Letterbox,
     decode,
     default_model_dir,
+    inside_window,
     letterbox,
     ssd_anchors,
+    suppress_contained,
+    tile_windows,
     to_detections,
+    to_pixels,
     weighted_nms,
 )
 from pipeline.detectors.tflite_graph import TFLiteGraph, TFLiteGraphError
@@ -72,10 +77,38 @@ def test_letterbox_maps_model_coordinates_back_to_image_pixels():
     row = np.zeros(17, np.float32)
     row[:5] = [0.25, 0.25, 0.5, 0.5, 0.9]  # in the square: y 0.25 is 50 px, the top of the image
     row[5:7], row[7:9] = [0.45, 0.3], [0.3, 0.3]  # the subject's right eye is on the image's right here
-    (detection,) = to_detections(row[None], placement, min_face_size=10)
+    pixels = to_pixels(row[None], placement)
+    (detection,) = to_detections(pixels, min_face_size=10)
     assert detection.box == pytest.approx((50.0, 0.0, 100.0, 50.0))
     assert detection.landmarks[0] == pytest.approx((60.0, 10.0))  # eyes in image order
-    assert to_detections(row[None], placement, min_face_size=60) == []
+    assert to_detections(pixels, min_face_size=60) == []
+    # A tile's detections move by the tile's origin.
+    shifted = to_pixels(row[None], Letterbox(side=200.0, pad_x=0.0, pad_y=50.0, origin_x=300.0, origin_y=20.0))
+    np.testing.assert_allclose(shifted[0, :4], [350.0, 20.0, 400.0, 70.0], atol=1e-4)
+    np.testing.assert_allclose(shifted[0, 5:7], [390.0, 30.0], atol=1e-4)
+
+
+def test_tile_windows_cover_the_image_with_the_overlap_shared():
+    windows = tile_windows(640, 360, columns=3, rows=2, overlap=0.25)
+    assert len(windows) == 6
+    assert windows[0][:2] == (0, 0) and windows[-1][2:] == (640, 360)
+    (a, _, a_end, _), (b, _, _, _) = windows[0], windows[1]
+    assert a_end - b == pytest.approx(0.25 * (a_end - a), abs=1)  # neighbours share a quarter of a tile
+    covered = np.zeros((360, 640), bool)
+    for x0, y0, x1, y1 in windows:
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    assert tile_windows(640, 360, 1, 1, 0.25) == [(0, 0, 640, 360)]
+
+
+def test_a_box_cut_by_an_inner_tile_edge_is_dropped_but_not_one_at_the_image_border():
+    rows = np.zeros((3, 17), np.float32)
+    rows[0, :4] = [10, 10, 50, 50]  # inside the tile, touching the image's top-left border
+    rows[1, :4] = [290, 10, 330, 50]  # crosses the tile's right edge (x = 300), shared with a neighbour
+    rows[2, :4] = [100, 170, 140, 199.5]  # touches the tile's bottom edge (y = 200), shared too
+    keep = inside_window(rows, (0, 0, 300, 200), width=640, height=360, margin=1.0)
+    assert keep.tolist() == [True, False, False]
+    assert inside_window(rows, (0, 0, 640, 360), width=640, height=360, margin=1.0).all()
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -118,9 +151,34 @@ def test_finds_every_face_in_the_shared_clips(shared_clips, runtime):
             assert 20 < x2 - x1 < 120 and 20 < y2 - y1 < 120
 
 
+def far_away(frame: np.ndarray, scale: float) -> np.ndarray:
+    """The frame shrunk by ``scale`` into the top-left corner of a black frame of its size: the same people, further off."""
+    height, width = frame.shape[:2]
+    canvas = np.zeros_like(frame)
+    canvas[: round(height * scale), : round(width * scale)] = cv2.resize(frame, (round(width * scale), round(height * scale)))
+    return canvas
+
+
+@pytest.mark.parametrize("runtime", ["litert", "torch"])
+def test_tiles_find_the_faces_too_small_for_the_whole_frame_pass(shared_clips, runtime):
+    frames = [far_away(frame, 1 / 3) for frame in decode_bgr_frames(shared_clips["face-demographics-walking-and-pause"])[::8]]
+    whole_frame = build_detector(BlazeFaceConfig(runtime=runtime, min_face_size=8, tiles=(1, 1)))
+    tiled = build_detector(BlazeFaceConfig(runtime=runtime, min_face_size=8, tiles=(2, 2)))
+    # At a third of the size the three faces are ~7 model pixels in one 192 x 192 pass: none is found.
+    assert sum(len(faces) for faces in detect_frames(whole_frame, frames, detection_size=640)) == 0
+    found = detect_frames(tiled, frames, detection_size=640)
+    assert [len(faces) for faces in found] == [3] * len(frames)
+    for faces in found:
+        for face in faces:
+            x1, y1, x2, y2 = face.box
+            assert x2 <= 640 and y2 <= 360 and 8 < x2 - x1 < 60  # in the shrunk corner, face-sized
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 3), (40, 1920, 3), (1920, 40, 3), (2, 3, 3)])
-def test_odd_frame_sizes_give_no_faces_and_no_error(blazeface, shape):
-    assert blazeface.detect_batch([np.zeros(shape, np.uint8), np.full((64, 64, 3), 128, np.uint8)]) == [[], []]
+@pytest.mark.parametrize("tiles", [(1, 1), (3, 2)])
+def test_odd_frame_sizes_give_no_faces_and_no_error(shape, tiles):
+    detector = BlazeFaceDetector(BlazeFaceConfig(tiles=tiles))
+    assert detector.detect_batch([np.zeros(shape, np.uint8), np.full((64, 64, 3), 128, np.uint8)]) == [[], []]
 
 
 def test_config_errors_name_the_field(tmp_path: Path):
@@ -130,3 +188,12 @@ def test_config_errors_name_the_field(tmp_path: Path):
         parse_config(PipelineConfig, {"detector": {"kind": "retinaface"}}, "test")
     with pytest.raises(FileNotFoundError, match="model_path"):
         BlazeFaceDetector(BlazeFaceConfig(model_path=tmp_path / "missing.tflite"))
+
+
+def test_a_shifted_duplicate_from_another_tile_is_suppressed_but_a_neighbouring_face_is_kept():
+    rows = np.zeros((3, 17), np.float32)
+    rows[0, :5] = [101, 25, 121, 45, 0.8]
+    rows[1, :5] = [90, 23, 112, 45, 0.5]  # the same face from another tile: IoU 0.33, but half of it inside the first
+    rows[2, :5] = [125, 25, 145, 45, 0.7]  # the face next to it
+    kept = suppress_contained(rows, 0.5)
+    assert kept[:, 4].tolist() == pytest.approx([0.8, 0.7])

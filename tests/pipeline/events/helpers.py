@@ -12,11 +12,13 @@ from pipeline.metrics import PipelineMetrics
 
 PREFIX = "test"
 CAPTURE_TIME = 1_700_000_000.25
+RUN_ID = "0f3c2a9e8b7d4c1fa6e5d4c3b2a19080"
 
 
 def make_event(**overrides: Any) -> ExpressionEvent:
     values: dict[str, Any] = {
         "camera_id": "cam1",
+        "run_id": RUN_ID,
         "frame_index": 7,
         "pts_s": 0.7,
         "capture_time": CAPTURE_TIME,

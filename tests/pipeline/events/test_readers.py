@@ -11,9 +11,10 @@ from itertools import islice
 from typing import Any
 
 import pytest
+import redis
 
 from pipeline.config import BackoffConfig
-from pipeline.events import EventPublisher, EventSubscriber, tail, validate_event_dict
+from pipeline.events import EventPublisher, EventSubscriber, StreamMessage, tail, validate_event_dict
 from pipeline.metrics import PipelineMetrics
 from tests.pipeline.events.helpers import PREFIX, frame_events, real_config
 
@@ -122,3 +123,102 @@ def test_tail_follows_new_events_only(redis_server: Any) -> None:
     frames = [json.loads(line)["frame_index"] for line in out.getvalue().splitlines()]
     assert len(frames) == 2 and all(index >= 100 for index in frames) and frames == sorted(frames)
     publisher.close()
+
+
+# -- dead consumers and trimming ------------------------------------------------------------------
+
+
+def lost(subscriber: EventSubscriber, state: str, camera: str = "cam1") -> float:
+    labels = {"camera": camera, "group": subscriber.group, "state": state}
+    return subscriber.metrics.registry.get_sample_value("ferstream_events_lost_to_trim_total", labels) or 0.0
+
+
+def xadd_trimmed(url: str, camera: str, frames: range, maxlen: int | None = None) -> None:
+    """Write events as the sink does, but with exact MAXLEN trimming (``~`` trims only whole nodes of ~100)."""
+    client = redis.Redis.from_url(url)
+    for frame in frames:
+        event = frame_events(camera, frame)[0].with_publish_time(1_700_000_001.0)
+        client.xadd(f"{PREFIX}:events:{camera}", event.to_fields(), maxlen=maxlen, approximate=False)
+    client.close()
+
+
+@pytest.mark.integration
+def test_a_second_consumer_claims_every_entry_a_dead_consumer_left_unacked(redis_server: Any) -> None:
+    publisher = EventPublisher(real_config(redis_server.url), PipelineMetrics())
+    for frame in range(7):
+        publisher.publish("cam1", frame_events("cam1", frame))
+    dead = EventSubscriber(redis_server.url, PREFIX, "cam1", "analytics", "analytics-0", start_id="0", block_ms=50)
+    delivered = dead.read()
+    assert [message.event.frame_index for message in delivered] == list(range(7))
+    dead.close()  # dies without acking anything, and its name never comes back
+
+    survivor = EventSubscriber(
+        redis_server.url, PREFIX, "cam1", "analytics", "analytics-1", block_ms=50, count=3, claim_idle_ms=1000, maintenance_interval_s=0
+    )
+    assert survivor.read() == []  # not idle long enough yet: a live consumer may still be handling them
+    time.sleep(1.1)
+    handled: list[StreamMessage] = []
+    deadline = time.monotonic() + 10.0
+    while len(handled) < 7 and time.monotonic() < deadline:
+        batch = survivor.read()
+        assert len(batch) <= 3
+        for message in batch:
+            handled.append(message)
+            survivor.ack(message.stream, message.message_id)
+    assert [message.message_id for message in handled] == [message.message_id for message in delivered]
+    assert [message.event for message in handled] == [message.event for message in delivered]
+    assert survivor.client.xpending("test:events:cam1", "analytics")["pending"] == 0
+    assert survivor.metrics.registry.get_sample_value("ferstream_events_claimed_total", {"camera": "cam1", "group": "analytics"}) == 7
+    publisher.publish("cam1", frame_events("cam1", 7))
+    assert [message.event.frame_index for message in survivor.read()] == [7]  # and it goes on with new ones
+    survivor.close()
+    publisher.close()
+
+
+@pytest.mark.integration
+def test_entries_trimmed_before_the_group_read_them_are_counted_once(redis_server: Any) -> None:
+    subscriber = EventSubscriber(redis_server.url, PREFIX, "cam1", "g", "g-0", start_id="0", block_ms=50, maintenance_interval_s=0)
+    subscriber.ensure_groups()
+    xadd_trimmed(redis_server.url, "cam1", range(5))
+    first = subscriber.read(count=2)
+    assert [message.event.frame_index for message in first] == [0, 1]
+    subscriber.ack(first[0].stream, *(message.message_id for message in first))
+    assert lost(subscriber, "unread") == 0
+
+    xadd_trimmed(redis_server.url, "cam1", range(5, 30), maxlen=10)  # frames 2-19 go unread
+    assert [message.event.frame_index for message in subscriber.read(count=3)] == [20, 21, 22]
+    assert lost(subscriber, "unread") == 18
+    other = EventSubscriber(redis_server.url, PREFIX, "cam1", "g", "g-1", block_ms=50, maintenance_interval_s=0)
+    other.read(count=1)  # another consumer of the group checks too: the same loss is not counted again
+    assert lost(other, "unread") == 0
+
+    xadd_trimmed(redis_server.url, "cam1", range(30, 50), maxlen=10)  # the group is at 23 (other took one): 24-39 go
+    assert [message.event.frame_index for message in subscriber.read(count=3)] == [40, 41, 42]
+    assert lost(subscriber, "unread") == 18 + 16
+    subscriber.close()
+    other.close()
+
+
+@pytest.mark.integration
+def test_pending_entries_trimmed_before_their_ack_are_counted(redis_server: Any) -> None:
+    xadd_trimmed(redis_server.url, "cam1", range(5))
+    dead = EventSubscriber(redis_server.url, PREFIX, "cam1", "g", "g-0", start_id="0", block_ms=50)
+    assert len(dead.read()) == 5
+    dead.close()
+    xadd_trimmed(redis_server.url, "cam1", range(5, 15), maxlen=5)  # the 5 pending ones and 5-9 are trimmed
+    time.sleep(0.25)
+    survivor = EventSubscriber(redis_server.url, PREFIX, "cam1", "g", "g-1", block_ms=50, claim_idle_ms=200, maintenance_interval_s=0)
+    got: list[int] = []
+    for _ in range(3):  # (a claim_idle_ms shorter than its own handling would claim its own 10-14 again)
+        got += [message.event.frame_index for message in survivor.read()]
+    assert got == [10, 11, 12, 13, 14]
+    assert lost(survivor, "pending") == 5 and lost(survivor, "unread") == 5
+    assert survivor.client.xpending("test:events:cam1", "g")["pending"] == 5  # 10-14, delivered and not acked yet
+    survivor.close()
+
+
+def test_subscriber_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="claim_idle_ms"):
+        EventSubscriber("redis://127.0.0.1:1/0", PREFIX, "cam1", "g", "c", claim_idle_ms=0)
+    with pytest.raises(ValueError, match="maintenance_interval_s"):
+        EventSubscriber("redis://127.0.0.1:1/0", PREFIX, "cam1", "g", "c", maintenance_interval_s=-1)

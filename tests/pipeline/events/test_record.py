@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.events import EventDecodeError, EventValidationError, ExpressionEvent, event_schema, validate_event_dict
-from tests.pipeline.events.helpers import CAPTURE_TIME, make_event
+from pipeline.events import EventDecodeError, EventValidationError, ExpressionEvent, event_schema, new_run_id, validate_event_dict
+from tests.pipeline.events.helpers import CAPTURE_TIME, RUN_ID, make_event
 
 # -- encoding -------------------------------------------------------------------------------------
 
@@ -20,7 +20,7 @@ def test_fields_round_trip() -> None:
     assert all(isinstance(key, str) and isinstance(value, str) for key, value in fields.items())
     assert fields["box"] == "[10,20,110,140]"
     assert json.loads(fields["probabilities"]) == event.probabilities
-    assert fields["schema_version"] == "1"
+    assert fields["schema_version"] == "2" and fields["run_id"] == RUN_ID
     assert ExpressionEvent.from_fields(fields) == event
     # As redis-py returns them without decode_responses.
     raw = {key.encode(): value.encode() for key, value in fields.items()}
@@ -60,8 +60,11 @@ def test_event_is_immutable() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("schema_version", "2"),
+        ("schema_version", "3"),
+        ("schema_version", "0"),
         ("schema_version", "one"),
+        ("run_id", ""),
+        ("run_id", "has space"),
         ("frame_index", "7.5"),
         ("track_id", ""),
         ("pts_s", "abc"),
@@ -92,6 +95,29 @@ def test_from_fields_missing_field() -> None:
         ExpressionEvent.from_fields(fields)
 
 
+def test_from_fields_missing_run_id_in_a_version_2_entry() -> None:
+    fields = make_event(publish_time=CAPTURE_TIME + 1).to_fields()
+    del fields["run_id"]
+    with pytest.raises(EventDecodeError, match="'run_id': missing"):
+        ExpressionEvent.from_fields(fields)
+
+
+def test_a_version_1_entry_still_decodes_without_a_run_id() -> None:
+    # Written by a producer from before run_id: left in the stream across an upgrade.
+    fields = make_event(publish_time=CAPTURE_TIME + 1).to_fields() | {"schema_version": "1"}
+    del fields["run_id"]
+    event = ExpressionEvent.from_fields(fields)
+    assert (event.schema_version, event.run_id, event.frame_index) == (1, None, 7)
+    assert "run_id" not in event.to_fields() and ExpressionEvent.from_fields(event.to_fields()) == event
+
+
+def test_a_version_2_event_needs_a_run_id() -> None:
+    with pytest.raises(EventDecodeError, match="run_id"):
+        make_event(run_id=None)
+    assert new_run_id() != new_run_id() and len(new_run_id()) == 32
+    make_event(run_id=new_run_id())  # the producer's ids follow the pattern
+
+
 # -- schema ---------------------------------------------------------------------------------------
 
 
@@ -115,7 +141,9 @@ def test_schema_accepts_a_published_event() -> None:
     ("path", "change"),
     [
         ("confidence", {"confidence": 1.5}),
-        ("schema_version", {"schema_version": 2}),
+        ("schema_version", {"schema_version": 1}),
+        ("run_id", {"run_id": ""}),
+        ("run_id", {"run_id": None}),
         ("box", {"box": [1, 2, 3]}),
         ("box.3", {"box": [1, 2, 3, "4"]}),
         ("camera_id", {"camera_id": "bad camera"}),
