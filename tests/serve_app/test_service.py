@@ -176,7 +176,7 @@ def test_a_camera_the_detector_fails_on_does_not_stop_the_good_one(service, came
         assert "second" not in service.ingest()["frames_failed"]
     finally:
         for camera_id in ("thin", "second"):
-            requests.delete(f"{service.api}/streams/{camera_id}", timeout=10)
+            service.delete_stream(camera_id)
         thin.stop()
 
 
@@ -187,10 +187,10 @@ def test_event_keys_stay_unique_when_a_camera_is_deleted_and_added_again(service
             count = service.event_count("again")
             assert service.post_stream(body).status_code == 201
             service.wait_until(lambda count=count: service.event_count("again") >= count + 10, 120, f"events of start {start + 1}")
-            assert requests.delete(f"{service.api}/streams/again", timeout=10).status_code == 204
+            assert service.delete_stream("again").status_code == 204
             service.wait_until(lambda: "again" not in service.ingest()["cameras"], 30, "the camera to stop")
     finally:
-        requests.delete(f"{service.api}/streams/again", timeout=10)
+        service.delete_stream("again")
     events = service.events("again")  # the stream keeps both starts' events
     runs = [event.run_id for event in events]
     assert len(set(runs)) == 2 and runs == sorted(runs, key=runs.index)  # one run after the other
