@@ -46,6 +46,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import statistics
@@ -108,6 +109,14 @@ class ServeApp:
     env: dict[str, str] = field(default_factory=dict)
     serve_process: subprocess.Popen[bytes] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    # Directories the API may open file cameras from (url_policy.allowed_file_dirs of the app).
+    file_dirs: Sequence[Path] = ()
+    # The API's bearer token, given to the Ray head's environment, which the replicas inherit.
+    token: str = field(default_factory=lambda: secrets.token_hex(32))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     @property
     def api(self) -> str:
@@ -140,11 +149,19 @@ class ServeApp:
         # `ray start` turns token authentication on by default (Ray >= 2.5x), but a client such as
         # `serve run --address` only sends the token (~/.ray/auth_token) when RAY_AUTH_MODE says so.
         self.env.setdefault("RAY_AUTH_MODE", "token")
+        self.env["FERSTREAM_API_TOKENS"] = self.token
 
         # The shipped CPU config, on a free HTTP port and without the demo cameras.
         self.config = yaml.safe_load(self.serve_config.read_text())
         self.config["http_options"]["port"] = self.ports["http"]
-        self.config["applications"][0]["args"]["cameras_file"] = None
+        args = self.config["applications"][0]["args"]
+        args["cameras_file"] = None
+        if self.file_dirs:
+            # The API opens files only inside url_policy.allowed_file_dirs: a copy of the pipeline config allows the clips'.
+            pipeline = yaml.safe_load((REPO_ROOT / args["pipeline_config"]).read_text()) or {}
+            pipeline.setdefault("url_policy", {})["allowed_file_dirs"] = sorted({str(path) for path in self.file_dirs})
+            args["pipeline_config"] = str(self.work / "pipeline.yaml")
+            (self.work / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
         config_path = self.work / "serve.yaml"
         config_path.write_text(yaml.safe_dump(self.config))
 
@@ -333,7 +350,7 @@ def cpu_usage(
 
 
 def stream_statuses(app: ServeApp) -> dict[str, dict[str, Any]]:
-    response = requests.get(f"{app.api}/streams", timeout=30)
+    response = requests.get(f"{app.api}/streams", headers=app.headers, timeout=30)
     response.raise_for_status()
     return {stream["id"]: stream for stream in response.json()}
 
@@ -380,12 +397,12 @@ def measure_level(
         # pacing is SourceConfig's default for files, stated anyway.
         body = {
             "id": camera_id,
-            "url": str(clip.path),
+            "url": clip.path.resolve().as_uri(),  # the API takes explicit URLs only
             "fps": fps if fps is not None else clip.fps,
             "loop": True,
             "options": {"realtime": True},
         }
-        response = requests.post(f"{app.api}/streams", json=body, timeout=30)
+        response = requests.post(f"{app.api}/streams", json=body, headers=app.headers, timeout=30)
         if response.status_code != 201:
             raise RuntimeError(f"POST /streams {body}: {response.status_code} {response.text}")
 
@@ -407,7 +424,7 @@ def measure_level(
     # Remove the level's cameras and wait until their events stop (the ingest replica notices
     # within its reconcile interval; a frame in flight finishes first).
     for camera_id in camera_ids:
-        requests.delete(f"{app.api}/streams/{camera_id}", timeout=30).raise_for_status()
+        requests.delete(f"{app.api}/streams/{camera_id}", headers=app.headers, timeout=30).raise_for_status()
     last_counts: list[int] = []
     stable_since = time.monotonic()
     deadline = time.monotonic() + 90
@@ -754,7 +771,7 @@ def main() -> int:
     thread_counts = sorted({replica_threads, all_threads})
 
     with tempfile.TemporaryDirectory(prefix="ferstream-bench-") as work:
-        app = ServeApp(Path(work), args.num_cpus, args.serve_config)
+        app = ServeApp(Path(work), args.num_cpus, args.serve_config, file_dirs=[clip.path.resolve().parent for clip in clips])
         try:
             log.info("starting redis, Ray (num_cpus=%d) and `serve run`", args.num_cpus)
             app.start()

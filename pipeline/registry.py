@@ -13,6 +13,7 @@ number of ingest workers can share it:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import logging
 import math
@@ -33,6 +34,20 @@ log = logging.getLogger("ferstream.registry")
 # a lease another worker took over after ours expired.
 _RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
+# Add a camera unless its id exists or the registry is full, in one step: two API calls racing for
+# the last free place cannot both get it.
+_ADD_WITHIN = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+class AddOutcome(enum.Enum):
+    ADDED = 1
+    EXISTS = 0
+    FULL = -1
 
 
 def status_to_dict(status: SourceStatus, owner: str) -> dict[str, Any]:
@@ -73,6 +88,7 @@ class CameraRegistry:
         self.lease_ms = int(lease_s * 1000)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._add_within = client.register_script(_ADD_WITHIN)
 
     @property
     def cameras_key(self) -> str:
@@ -96,6 +112,14 @@ class CameraRegistry:
     def add(self, camera: SourceConfig) -> bool:
         """False when a camera with this id is already registered."""
         return bool(self.client.hsetnx(self.cameras_key, camera.camera_id, camera.model_dump_json()))
+
+    def add_within(self, camera: SourceConfig, max_cameras: int) -> AddOutcome:
+        """Add ``camera`` unless its id is registered or ``max_cameras`` cameras already are."""
+        outcome = self._add_within(keys=[self.cameras_key], args=[camera.camera_id, camera.model_dump_json(), max_cameras])
+        return AddOutcome(int(outcome))
+
+    def count(self) -> int:
+        return int(self.client.hlen(self.cameras_key))
 
     def remove(self, camera_id: str) -> bool:
         pipe = self.client.pipeline(transaction=True)

@@ -257,7 +257,39 @@ def redact_url(url: str) -> str:
     userinfo, at, host = netloc.rpartition("@")
     if at and ":" in userinfo:
         netloc = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
+    elif at:
+        # User info without a password is often a token in the user's place (https://<token>@host/).
+        netloc = f"{REDACTED}@{host}"
     return urllib.parse.urlunsplit(parsed._replace(netloc=netloc, query=_redact_query(parsed.query)))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credential parts of a URL as they may appear in text: the password (or a user part
+    without one), the values of secret-looking query parameters, each raw and decoded."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:
+        return [url]  # no parts to tell apart: the whole URL is the secret
+    secrets: list[str] = []
+    userinfo, at, _host = parsed.netloc.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        secrets.append(password if colon else user)
+    for pair in parsed.query.split("&"):
+        name, equals, value = pair.partition("=")
+        if equals and is_secret_query_parameter(urllib.parse.unquote_plus(name)):
+            secrets.append(value)
+    decoded = [urllib.parse.unquote_plus(secret) for secret in secrets]
+    return sorted({secret for secret in (*secrets, *decoded) if secret}, key=len, reverse=True)
+
+
+def scrub_credentials(text: str, url: str) -> str:
+    """``text`` (an error message, a status) with ``url`` shown redacted and every credential in it
+    replaced by ``***``, wherever a library may have quoted it."""
+    scrubbed = text.replace(url, redact_url(url)) if url else text
+    for secret in url_secrets(url):
+        scrubbed = scrubbed.replace(secret, REDACTED)
+    return scrubbed
 
 
 def _describe(error: BaseException) -> str:

@@ -160,8 +160,9 @@ def _check_network_url(url: str, allow_link_local: bool) -> None:
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port  # parsing it raises ValueError for a non-numeric or out-of-range port
-    except ValueError as error:
-        raise UrlRefused(f"malformed URL: {error}") from None
+    except ValueError:
+        # Not urllib's message: it quotes the text it took for a port, which can be part of a password.
+        raise UrlRefused("malformed URL: brackets that hold no IPv6 address, or a port that is not a number from 0 to 65535") from None
     if parts.netloc.count("@") > 1:
         # Python splits user info at the last @, some URL parsers at the first: one host, not two.
         raise UrlRefused("more than one '@' in the address; percent-encode '@' in user names and passwords")

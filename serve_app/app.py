@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
 from pipeline.config import ConfigError, SourceConfig, dump_config, load_config, load_yaml, parse_config
+from pipeline.url_policy import UrlOrigin, UrlRefused
 from serve_app.deployments import ControllerDeployment, ExpressionClassifierDeployment, FaceDetectorDeployment, IngestDeployment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,15 @@ def build_app(args: dict[str, Any]) -> Application:
         if camera.camera_id in seen:
             raise ConfigError(f"application args: camera_id {camera.camera_id!r} is defined twice (pipeline_config and cameras_file)")
         seen.add(camera.camera_id)
+        try:
+            # The pipeline config's own cameras passed this already; the cameras file's had only their shape checked.
+            config.url_policy.check(camera.url, UrlOrigin.CONFIG)
+        except UrlRefused as refusal:
+            raise ConfigError(f"application args: camera {camera.camera_id!r}: url: {refusal}") from None
+    if len(cameras) > config.max_cameras:
+        raise ConfigError(
+            f"application args: {len(cameras)} cameras (pipeline_config and cameras_file), more than max_cameras ({config.max_cameras})"
+        )
     data = dump_config(config)
     detector = FaceDetectorDeployment.bind(data)
     classifier = ExpressionClassifierDeployment.bind(data)

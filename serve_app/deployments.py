@@ -6,10 +6,9 @@
   sends each camera's freshest frame through the two model deployments (one frame in flight per
   camera, so backpressure drops frames at the source instead of queueing them), tracks faces and
   publishes events.
-- ``Controller``: the HTTP API (ingress).
+- ``Controller``: the HTTP API (ingress; the app itself is in ``serve_app/api.py``).
 
-No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run
-time to tell a JSON body from query parameters.
+The Controller's routes, auth and error bodies are in ``serve_app/api.py`` (no Ray there).
 """
 
 import asyncio
@@ -23,23 +22,25 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.analysis import CameraAnalyzer
+from pipeline.auth import ApiTokens, check_exposure
 from pipeline.batching import BusyAwareBatchWait
 from pipeline.checkpoint import ModelMetadata
 from pipeline.classification import ExpressionClassifier, crop_faces
-from pipeline.config import ConfigError, PipelineConfig, SourceConfig, apply_environment, parse_config
+from pipeline.config import PipelineConfig, SourceConfig, apply_environment, parse_config
 from pipeline.detection import FaceDetection, build_detector, downscale_for_detection, scale_detections
 from pipeline.events import EventPublisher, redis_client
 from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit, describe_error
 from pipeline.log_limits import RepeatLimitedLog
 from pipeline.metrics import PipelineMetrics
 from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
-from pipeline.sources import CameraSource, redact_url
+from pipeline.sources import CameraSource
+from serve_app.api import StreamController, build_api
 
 log = logging.getLogger("ferstream.serve")
 
@@ -59,7 +60,7 @@ def load_pipeline_config(data: dict[str, Any], origin: str) -> PipelineConfig:
 class BatchingOptions(BaseModel):
     """The ``user_config`` of the model deployments: tunable without a redeploy."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     max_batch_size: int = Field(8, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
 
@@ -259,7 +260,7 @@ class CameraSession:
 
 
 class IngestOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     max_cameras: int = Field(16, ge=1, le=1024, description="cameras one replica decodes at most")
 
 
@@ -344,32 +345,28 @@ class IngestDeployment:
             log.info("ingest %s: camera %s stopped", self.worker_id, camera_id)
 
 
-class StreamRequest(BaseModel):
-    """``POST /streams``: a camera. ``options`` takes any other per-camera setting (see SourceConfig)."""
+def serve_http_host() -> str | None:
+    """The host Serve's HTTP proxies bind (``http_options.host``), None when it cannot be read.
 
-    model_config = ConfigDict(extra="forbid")
-    id: str
-    url: str
-    fps: float | None = 5.0
-    transport: str = "tcp"
-    loop: bool = False
-    options: dict[str, Any] = Field(default_factory=dict)
+    Ray has no public call for it; the Serve client's is private, so any failure counts as
+    "unknown", which ``check_exposure`` treats as reachable from outside."""
+    try:
+        from ray.serve.context import _get_global_client
 
-    def to_source_config(self) -> SourceConfig:
-        fields = {"camera_id": self.id, "url": self.url, "target_fps": self.fps, "transport": self.transport, "loop": self.loop}
-        clashes = sorted(set(self.options) & set(fields))
-        if clashes:
-            raise ConfigError(f"stream: options: {', '.join(clashes)} must be given as the top-level field, not in options")
-        return parse_config(SourceConfig, {**self.options, **fields}, "stream")
-
-
-api = FastAPI(title="ferstream", description="Add, remove and inspect cameras; events go to Redis Streams.")
+        host = _get_global_client().http_config.host
+        return str(host) if host else None
+    except Exception as error:
+        log.warning("cannot read Serve's HTTP host (%s): treating it as not loopback", type(error).__name__)
+        return None
 
 
 @serve.deployment(name="Controller")
-@serve.ingress(api)
+@serve.ingress()  # no app yet: this replica builds it (__serve_build_asgi_app__) with the tokens it reads
 class ControllerDeployment:
     def __init__(self, config: dict[str, Any], cameras: list[dict[str, Any]], ingest: DeploymentHandle) -> None:
+        # Tokens come from this replica's environment (FERSTREAM_API_TOKENS / FERSTREAM_API_TOKEN_FILE),
+        # never from the application's arguments, which Ray keeps in its cluster state.
+        auth = check_exposure(ApiTokens.from_environment(), serve_http_host())
         pipeline_config = load_pipeline_config(config, "Controller")
         events = pipeline_config.events
         self.registry = CameraRegistry(
@@ -378,52 +375,8 @@ class ControllerDeployment:
         self.ingest = ingest
         # Start-up cameras are registered once: one the API removed since stays removed.
         self.registry.seed(parse_config(SourceConfig, camera, "cameras_file") for camera in cameras)
+        controller = StreamController(self.registry, pipeline_config.url_policy, pipeline_config.max_cameras)
+        self.api = build_api(controller, auth)
 
-    @api.post("/streams", status_code=201)
-    def add_stream(self, request: StreamRequest) -> dict[str, Any]:
-        try:
-            camera = request.to_source_config()
-        except ConfigError as error:
-            raise HTTPException(status_code=422, detail=str(error)) from None
-        if not self.registry.add(camera):
-            raise HTTPException(status_code=409, detail=f"stream {camera.camera_id!r} already exists")
-        return {"id": camera.camera_id, "url": camera.url}
-
-    @api.delete("/streams/{camera_id}", status_code=204)
-    def remove_stream(self, camera_id: str) -> Response:
-        if not self.registry.remove(camera_id):
-            raise HTTPException(status_code=404, detail=f"no stream {camera_id!r}")
-        return Response(status_code=204)
-
-    @api.get("/streams")
-    def list_streams(self) -> list[dict[str, Any]]:
-        cameras = self.registry.cameras()
-        statuses = self.registry.statuses(cameras)
-        streams = []
-        for camera_id, camera in sorted(cameras.items()):
-            status = statuses.get(camera_id, {})
-            streams.append(
-                {
-                    "id": camera_id,
-                    "url": redact_url(camera.url),
-                    "fps_target": camera.target_fps,
-                    "transport": camera.transport,
-                    "state": status.get("state", "pending"),
-                    "measured_fps": status.get("measured_fps", 0.0),
-                    "last_frame_time": status.get("last_frame_time"),
-                    "reconnects": status.get("reconnects", 0),
-                    "frames_decoded": status.get("frames_decoded", 0),
-                    "frames_dropped": status.get("frames_dropped", 0),
-                    "last_error": status.get("last_error"),
-                    "owner": status.get("owner"),
-                }
-            )
-        return streams
-
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        try:
-            await asyncio.to_thread(self.registry.client.ping)
-        except Exception as error:
-            raise HTTPException(status_code=503, detail=f"redis unreachable: {error}") from None
-        return {"status": "ok"}
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self.api

@@ -12,12 +12,13 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from pipeline.config import SourceConfig
-from pipeline.registry import CameraRegistry, ReconcilePlan, ShardWorker, plan_reconcile, status_to_dict
+from pipeline.registry import AddOutcome, CameraRegistry, ReconcilePlan, ShardWorker, plan_reconcile, status_to_dict
 from pipeline.sources import SourceStatus, StreamState
 from tests.conftest import RedisServer
 
@@ -76,6 +77,18 @@ def test_add_remove_and_cameras_round_trip(registry: CameraRegistry, client: red
 
 
 @pytest.mark.integration
+def test_add_within_stops_at_max_cameras_and_reports_existing_ids(registry: CameraRegistry) -> None:
+    assert registry.add_within(camera("a"), max_cameras=2) is AddOutcome.ADDED
+    assert registry.add_within(camera("a", url="rtsp://other/x"), max_cameras=2) is AddOutcome.EXISTS
+    assert registry.add_within(camera("b"), max_cameras=2) is AddOutcome.ADDED
+    assert registry.add_within(camera("c"), max_cameras=2) is AddOutcome.FULL
+    assert registry.add_within(camera("a"), max_cameras=2) is AddOutcome.EXISTS  # an existing id wins over full
+    assert sorted(registry.cameras()) == ["a", "b"] and registry.count() == 2
+    assert registry.cameras()["a"] == camera("a")
+    registry.remove("a")
+    assert registry.add_within(camera("c"), max_cameras=2) is AddOutcome.ADDED
+
+
 def test_remove_also_deletes_the_status(registry: CameraRegistry, client: redis.Redis) -> None:
     registry.add(camera("lobby"))
     registry.put_statuses([{"camera_id": "lobby", "state": "streaming"}], ttl_s=60)
@@ -369,3 +382,33 @@ def test_a_camera_that_fails_to_start_is_released_for_another_try(registry: Came
     worker = ShardWorker(registry, "w1", start=fail, stop=lambda camera_id: None)
     worker.reconcile(max_cameras=4)
     assert worker.running == {} and registry.owner("a") is None
+
+
+def test_the_event_reader_acl_of_security_md_reads_events_but_not_the_registry(client: redis.Redis, redis_server: RedisServer) -> None:
+    # The recipe exactly as SECURITY.md prints it, so the document cannot drift from what works.
+    text = (Path(__file__).resolve().parents[2] / "SECURITY.md").read_text(encoding="utf-8")
+    (line,) = [line for line in text.splitlines() if line.startswith("ACL SETUSER events-reader")]
+    client.execute_command(*line.replace("READER_PASSWORD", "reader-pw").split())
+    registry = CameraRegistry(client, "ferstream")
+    registry.add(camera("door", url="rtsp://admin:hunter2@10.0.0.5/live"))
+    client.xadd("ferstream:events:door", {"field": "value"})
+
+    reader = redis.Redis.from_url(redis_server.url.replace("redis://", "redis://events-reader:reader-pw@"), socket_timeout=5)
+    stream = "ferstream:events:door"
+    # What a consumer in a group does (pipeline/events/readers.py): create the group, read, ack, claim, inspect.
+    reader.xgroup_create(stream, "analytics", id="0", mkstream=True)
+    ((_, entries),) = reader.xreadgroup("analytics", "worker-1", {stream: ">"}, count=10)
+    assert reader.xack(stream, "analytics", entries[0][0]) == 1
+    reader.xautoclaim(stream, "analytics", "worker-2", min_idle_time=0)
+    assert reader.xinfo_groups(stream)[0]["name"] in (b"analytics", "analytics")
+    assert reader.xlen(stream) == 1 and reader.xrange(stream)
+    for forbidden in (
+        lambda: reader.hgetall(registry.cameras_key),
+        lambda: reader.get("ferstream:lease:door"),
+        lambda: reader.xadd(stream, {"forged": "1"}),
+        lambda: reader.delete(stream),
+        lambda: reader.xtrim(stream, maxlen=0),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            forbidden()
+    reader.close()

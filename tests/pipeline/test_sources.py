@@ -26,6 +26,8 @@ from pipeline.sources import (
     _Timeline,
     local_path,
     redact_url,
+    scrub_credentials,
+    url_secrets,
 )
 from tests.conftest import free_port
 from tests.media import encode_test_clip, read_marker
@@ -609,6 +611,22 @@ def test_redact_url_hides_passwords():
 )
 def test_redact_url_hides_secret_query_parameters(url, redacted):
     assert redact_url(url) == redacted
+
+
+def test_redact_url_hides_a_user_part_without_a_password():
+    # https://<token>@host/ puts a credential where a user name goes.
+    assert redact_url("https://ghp_0123456789abcdef@cdn.example/live.m3u8") == "https://***@cdn.example/live.m3u8"
+
+
+def test_url_secrets_and_scrub_credentials():
+    url = "rtsp://admin:p%40ss@10.0.0.5/live?channel=1&token=abc%2Fdef"
+    assert url_secrets(url) == ["abc%2Fdef", "abc/def", "p%40ss", "p@ss"]
+    message = f"open failed for {url}; server said: bad password p@ss, token abc/def; channel=1"
+    scrubbed = scrub_credentials(message, url)
+    assert "p@ss" not in scrubbed and "p%40ss" not in scrubbed and "abc/def" not in scrubbed and "abc%2Fdef" not in scrubbed
+    assert "rtsp://admin:***@10.0.0.5/live?channel=1&token=***" in scrubbed and "channel=1" in scrubbed
+    assert scrub_credentials("no answer within 3s", "rtsp://10.0.0.5/live") == "no answer within 3s"
+    assert scrub_credentials("x rtsp://u:pw@[bad/x y", "rtsp://u:pw@[bad/x") == "x <unparsable URL> y"
 
 
 def test_redact_url_never_raises_on_a_malformed_url():

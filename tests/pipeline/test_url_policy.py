@@ -111,6 +111,7 @@ def test_private_ranges_and_ordinary_hosts_are_allowed(url: str) -> None:
         ("rtsp://[not-an-ip]/x", "IPv6"),
         ("rtsp://host:99999/x", "malformed URL"),
         ("rtsp://host:port/x", "malformed URL"),
+        ("rtsp://user:sec/ret@host/x", "malformed URL"),  # the "port" urllib sees is part of the password
         ("rtsp://host:0/x", "port 0"),
         ("rtsp:///stream", "no host"),
         ("http://a@169.254.169.254@example.com/", "more than one '@'"),

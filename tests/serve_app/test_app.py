@@ -31,6 +31,7 @@ import serve_app.metrics as serve_metrics
 from pipeline.batching import BusyAwareBatchWait
 from pipeline.config import ConfigError, PipelineConfig, SourceConfig, load_config
 from pipeline.metrics import BATCH_BUCKETS, PipelineMetrics
+from serve_app.api import StreamRequest
 from serve_app.app import REPO_ROOT, absolute_file_url, build_app, load_cameras, resolve_path
 from serve_app.deployments import (
     BatchingOptions,
@@ -39,7 +40,6 @@ from serve_app.deployments import (
     FaceDetectorDeployment,
     IngestDeployment,
     IngestOptions,
-    StreamRequest,
     reconfigure_batching,
     run_batch,
     submit,
@@ -602,3 +602,30 @@ def test_build_app_rejects_a_camera_id_defined_twice(tmp_path: Path) -> None:
     cameras.write_text("- {camera_id: door, url: rtsp://a/1}\n- {camera_id: door, url: rtsp://b/2}\n")
     with pytest.raises(ConfigError, match="camera_id 'door' is defined twice"):
         build_app({"pipeline_config": "configs/pipeline.yaml", "cameras_file": str(cameras)})
+
+
+def test_build_app_applies_the_url_policy_to_the_cameras_file(tmp_path: Path) -> None:
+    cameras = tmp_path / "cameras.yaml"
+    cameras.write_text("- {camera_id: meta, url: 'http://169.254.169.254/latest/'}\n")
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("{}\n")
+    with pytest.raises(ConfigError, match="camera 'meta': url: link-local"):
+        build_app({"pipeline_config": str(pipeline), "cameras_file": str(cameras)})
+    pipeline.write_text("url_policy: {allow_link_local: true}\n")
+    _config, bound, _ingest = bound_args(build_app({"pipeline_config": str(pipeline), "cameras_file": str(cameras)}))
+    assert [camera["camera_id"] for camera in bound] == ["meta"]
+
+
+def test_build_app_refuses_more_cameras_than_max_cameras(tmp_path: Path) -> None:
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"max_cameras": 2, "cameras": [{"camera_id": "a", "url": "rtsp://h/a"}]}))
+    cameras = tmp_path / "cameras.yaml"
+    cameras.write_text(yaml.safe_dump([{"camera_id": "b", "url": "rtsp://h/b"}, {"camera_id": "c", "url": "rtsp://h/c"}]))
+    with pytest.raises(ConfigError, match=r"3 cameras \(pipeline_config and cameras_file\), more than max_cameras \(2\)"):
+        build_app({"pipeline_config": str(pipeline), "cameras_file": str(cameras)})
+
+
+@pytest.mark.parametrize("user_config", [{"batch_wait_timeout_s": float("inf")}, {"batch_wait_timeout_s": float("nan")}])
+def test_batching_options_refuse_non_finite_numbers(user_config: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=r"FaceDetector\.user_config: batch_wait_timeout_s: .*finite"):
+        reconfigure_batching(FakeBatchMethod(), BusyAwareBatchWait(0.5), user_config, "FaceDetector")

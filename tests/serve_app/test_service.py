@@ -49,15 +49,39 @@ def service(work: Path, camera_server: RtspServer) -> Iterator[Service]:
         redis_server.stop()
 
 
+def test_the_api_needs_the_token_but_healthz_does_not(service):
+    assert requests.get(f"{service.api}/healthz", timeout=10).json() == {"status": "ok"}  # no header
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+        for response in (
+            requests.get(f"{service.api}/streams", headers=headers, timeout=10),
+            requests.post(f"{service.api}/streams", json={"id": "x", "url": "rtsp://h/s"}, headers=headers, timeout=10),
+            requests.delete(f"{service.api}/streams/x", headers=headers, timeout=10),
+        ):
+            assert response.status_code == 401, response.text
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    listed = requests.get(f"{service.api}/streams", headers=service.headers, timeout=10)
+    assert listed.status_code == 200 and listed.json() == []
+
+
 def test_bad_requests_get_4xx_with_the_reason(service):
-    assert requests.get(f"{service.api}/healthz", timeout=10).json() == {"status": "ok"}
     bad_scheme = service.post_stream({"id": "x", "url": "ftp://host/video"})
     assert bad_scheme.status_code == 422 and "unsupported URL scheme" in bad_scheme.text
     bad_fps = service.post_stream({"id": "x", "url": "rtsp://h/s", "fps": -1})
     assert bad_fps.status_code == 422 and "target_fps" in bad_fps.text
     assert service.post_stream({"url": "rtsp://h/s"}).status_code == 422  # no id
     assert service.post_stream({"id": "x", "url": "rtsp://h/s", "options": {"nonsense": 1}}).status_code == 422
-    assert requests.delete(f"{service.api}/streams/nope", timeout=10).status_code == 404
+    assert service.delete_stream("nope").status_code == 404
+    for url in ("tcp:10.0.0.5:6379", "http://169.254.169.254/", "file:///proc/self/environ", "/etc/passwd"):
+        refused = service.post_stream({"id": "x", "url": url})
+        assert refused.status_code == 422 and refused.json()["detail"].startswith("stream: url: "), (url, refused.text)
+    infinite = requests.post(
+        f"{service.api}/streams",
+        data='{"id": "x", "url": "rtsp://h/s", "fps": Infinity}',
+        headers={**service.headers, "Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert infinite.status_code == 422 and "fps" in infinite.text
+    assert service.streams() == {}
 
 
 def test_an_rtsp_camera_added_over_http_produces_valid_events_with_stable_tracks(service, camera_server):
@@ -152,7 +176,7 @@ def test_a_camera_the_detector_fails_on_does_not_stop_the_good_one(service, came
         assert "second" not in service.ingest()["frames_failed"]
     finally:
         for camera_id in ("thin", "second"):
-            requests.delete(f"{service.api}/streams/{camera_id}", timeout=10)
+            service.delete_stream(camera_id)
         thin.stop()
 
 
@@ -163,10 +187,10 @@ def test_event_keys_stay_unique_when_a_camera_is_deleted_and_added_again(service
             count = service.event_count("again")
             assert service.post_stream(body).status_code == 201
             service.wait_until(lambda count=count: service.event_count("again") >= count + 10, 120, f"events of start {start + 1}")
-            assert requests.delete(f"{service.api}/streams/again", timeout=10).status_code == 204
+            assert service.delete_stream("again").status_code == 204
             service.wait_until(lambda: "again" not in service.ingest()["cameras"], 30, "the camera to stop")
     finally:
-        requests.delete(f"{service.api}/streams/again", timeout=10)
+        service.delete_stream("again")
     events = service.events("again")  # the stream keeps both starts' events
     runs = [event.run_id for event in events]
     assert len(set(runs)) == 2 and runs == sorted(runs, key=runs.index)  # one run after the other
@@ -181,7 +205,7 @@ def test_event_keys_stay_unique_when_a_camera_is_deleted_and_added_again(service
 def test_removing_cameras_stops_their_decoding_without_leaks(service):
     service.wait_until(lambda: set(service.ingest()["cameras"]) == {"lobby", "broken"}, 30, "both cameras on the ingest replica")
     for camera_id in ("broken", "lobby"):
-        assert requests.delete(f"{service.api}/streams/{camera_id}", timeout=10).status_code == 204
+        assert service.delete_stream(camera_id).status_code == 204
     assert service.streams() == {}
 
     def stopped() -> bool:
