@@ -20,10 +20,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Response
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -32,10 +34,12 @@ from pipeline.analysis import CameraAnalyzer
 from pipeline.batching import BusyAwareBatchWait
 from pipeline.checkpoint import ModelMetadata
 from pipeline.classification import ExpressionClassifier, crop_faces
-from pipeline.config import ConfigError, PipelineConfig, SourceConfig, apply_environment, parse_config
+from pipeline.config import ConfigError, EventsConfig, PipelineConfig, SourceConfig, apply_environment, parse_config
 from pipeline.detection import FaceDetection, build_detector, downscale_for_detection, scale_detections
 from pipeline.events import EventPublisher, redis_client
+from pipeline.live import LiveSummaries
 from pipeline.metrics import PipelineMetrics
+from pipeline.preview import PreviewStore, PreviewWriter
 from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
 from pipeline.sources import CameraSource, redact_url
 
@@ -157,8 +161,10 @@ class CameraSession:
         classifier: DeploymentHandle,
         publisher: EventPublisher,
         metrics: PipelineMetrics,
+        preview: PreviewWriter | None = None,
     ) -> None:
         self.camera = camera
+        self.preview = preview
         self.detection_size = pipeline_config.detector.detection_size
         self.metadata = metadata
         self.detector = detector
@@ -178,6 +184,8 @@ class CameraSession:
         self.source.stop(timeout_s)
         self._thread.join(timeout_s)
         self.analyzer.close()
+        if self.preview is not None:
+            self.preview.close()
 
     @property
     def threads_alive(self) -> list[str]:
@@ -208,6 +216,8 @@ class CameraSession:
         rows = [response.result(timeout_s=MODEL_CALL_TIMEOUT_S) for response in responses]
         probabilities = np.stack(rows) if rows else np.zeros((0, len(self.metadata.classes)), np.float32)
         self.analyzer.analyze(frame, detections, probabilities)
+        if self.preview is not None:
+            self.preview.offer(frame.image, detections, probabilities)
 
 
 class IngestOptions(BaseModel):
@@ -275,7 +285,12 @@ class IngestDeployment:
         return self._metadata
 
     def _start_session(self, camera: SourceConfig) -> None:
-        session = CameraSession(camera, self.config, self._model_metadata(), self.detector, self.classifier, self.publisher, self.metrics)
+        metadata = self._model_metadata()
+        # Only a camera that asked for it draws previews: face pixels stay in this process otherwise.
+        preview = PreviewWriter(PreviewStore(self.registry.client, self.config.events.stream_prefix), camera.camera_id, metadata.classes)
+        session = CameraSession(
+            camera, self.config, metadata, self.detector, self.classifier, self.publisher, self.metrics, preview if camera.preview else None
+        )
         session.start()
         with self._lock:
             self.sessions[camera.camera_id] = session
@@ -310,6 +325,16 @@ class StreamRequest(BaseModel):
 
 api = FastAPI(title="ferstream", description="Add, remove and inspect cameras; events go to Redis Streams.")
 
+# The live page: plain files, no build step; served without auth (it asks for the token itself).
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_TYPES = {"index.html": "text/html", "live.js": "text/javascript", "live.css": "text/css"}
+
+
+def live_hold_s(events: EventsConfig) -> float:
+    """How long one event speaks for its track on the live page: a frame interval at 1 fps or more
+    with every_face; with on_change an unchanged track is re-emitted every heartbeat_s."""
+    return events.heartbeat_s + 1.0 if events.policy == "on_change" else 1.0
+
 
 @serve.deployment(name="Controller")
 @serve.ingress(api)
@@ -321,6 +346,8 @@ class ControllerDeployment:
             redis_client(events.redis_url, events.socket_timeout_s, events.password_value), events.stream_prefix, LEASE_S
         )
         self.ingest = ingest
+        self.live = LiveSummaries(self.registry.client, events.stream_prefix, hold_s=live_hold_s(events))
+        self.previews = PreviewStore(self.registry.client, events.stream_prefix)
         # Start-up cameras are registered once: one the API removed since stays removed.
         self.registry.seed(parse_config(SourceConfig, camera, "cameras_file") for camera in cameras)
 
@@ -372,3 +399,35 @@ class ControllerDeployment:
         except Exception as error:
             raise HTTPException(status_code=503, detail=f"redis unreachable: {error}") from None
         return {"status": "ok"}
+
+    # -- the live page and what it polls ----------------------------------------------------
+    @api.get("/", include_in_schema=False)
+    def live_page(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+    @api.get("/static/{name}", include_in_schema=False)
+    def static_file(self, name: str) -> FileResponse:
+        if name not in STATIC_TYPES:  # a fixed list: no path from the request reaches the file system
+            raise HTTPException(status_code=404, detail=f"no static file {name!r}")
+        return FileResponse(STATIC_DIR / name, media_type=STATIC_TYPES[name], headers={"Cache-Control": "no-cache"})
+
+    def _camera(self, camera_id: str) -> SourceConfig:
+        camera = self.registry.cameras().get(camera_id)
+        if camera is None:
+            raise HTTPException(status_code=404, detail=f"no stream {camera_id!r}")
+        return camera
+
+    @api.get("/streams/{camera_id}/summary")
+    def stream_summary(self, camera_id: str) -> dict[str, Any]:
+        """The last minute of the camera's events: emotion mix, per-5-s face-seconds, current tracks."""
+        camera = self._camera(camera_id)
+        return {**self.live.summary(camera_id, time.time()).to_json_dict(), "preview": camera.preview}
+
+    @api.get("/streams/{camera_id}/preview.jpg")
+    def stream_preview(self, camera_id: str) -> Response:
+        if not self._camera(camera_id).preview:
+            raise HTTPException(status_code=403, detail=f"preview is off for stream {camera_id!r} (add it with options.preview: true)")
+        jpeg = self.previews.get(camera_id)
+        if jpeg is None:
+            raise HTTPException(status_code=404, detail=f"no preview frame of stream {camera_id!r} yet")
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
