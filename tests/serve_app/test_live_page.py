@@ -79,7 +79,8 @@ def browser(browser_binaries: tuple[str, str], work: Path) -> Iterator[Any]:
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1000"):
         options.add_argument(argument)
     # Both paths given: selenium has nothing to look up or download.
-    driver = webdriver.Chrome(service=DriverService(executable_path=driver_path, log_output=str(work / "chromedriver.log")), options=options)
+    driver_service = DriverService(executable_path=driver_path, log_output=str(work / "chromedriver.log"))
+    driver = webdriver.Chrome(service=driver_service, options=options)
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
@@ -209,7 +210,8 @@ def test_a_camera_added_on_the_page_with_a_preview_shows_frames_and_is_removed_t
     jpeg = api_get(service, "/streams/door/preview.jpg")
     assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
 
-    wait_in_browser(service, browser, lambda: card(browser, "door").find_elements(By.CSS_SELECTOR, "svg.chart rect.bar"), 120, "door's chart")
+    door_bars = lambda: card(browser, "door").find_elements(By.CSS_SELECTOR, "svg.chart rect.bar")  # noqa: E731
+    wait_in_browser(service, browser, door_bars, 120, "door's chart")
     screenshot = Path(os.environ.get("FERSTREAM_LIVE_PAGE_SCREENSHOT") or service.log_path.parent / "live-page.png")
     browser.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
