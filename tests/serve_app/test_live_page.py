@@ -103,6 +103,14 @@ def card(browser: Any, camera_id: str) -> Any:
     return found[0] if found else None
 
 
+def in_card(browser: Any, camera_id: str, selector: str) -> list[Any]:
+    """The elements under the camera's card; none while the card is not drawn yet."""
+    from selenium.webdriver.common.by import By
+
+    found = card(browser, camera_id)
+    return found.find_elements(By.CSS_SELECTOR, selector) if found is not None else []
+
+
 def wait_in_browser(service: Service, browser: Any, condition: Any, timeout_s: float, what: str) -> Any:
     from selenium.common.exceptions import StaleElementReferenceException
 
@@ -148,11 +156,11 @@ def test_a_camera_appears_with_its_state_its_chart_fills_and_its_tracks_show_emo
 
     wait_in_browser(service, browser, lambda: card(browser, "lobby"), 30, "the camera's card")
     wait_in_browser(
-        service, browser, lambda: card(browser, "lobby").find_element(By.CSS_SELECTOR, ".state").text == "streaming", 240, "state streaming"
+        service, browser, lambda: [state.text for state in in_card(browser, "lobby", ".state")] == ["streaming"], 240, "state streaming"
     )
 
     def bar_columns() -> set[str]:
-        return {bar.get_attribute("x") for bar in card(browser, "lobby").find_elements(By.CSS_SELECTOR, "svg.chart rect.bar")}
+        return {bar.get_attribute("x") for bar in in_card(browser, "lobby", "svg.chart rect.bar")}
 
     # The chart fills: bars in at least two of its 5-second columns, i.e. more than one slice of the minute.
     wait_in_browser(service, browser, lambda: len(bar_columns()) >= 2, 120, "bars in two columns of the chart")
@@ -160,7 +168,7 @@ def test_a_camera_appears_with_its_state_its_chart_fills_and_its_tracks_show_emo
     assert len(classes) >= 2
 
     def track_rows() -> list[tuple[str, str]]:
-        rows = card(browser, "lobby").find_elements(By.CSS_SELECTOR, "table.tracks tr.track")
+        rows = in_card(browser, "lobby", "table.tracks tr.track")
         return [(row.find_element(By.CSS_SELECTOR, ".emotion").text, row.find_element(By.CSS_SELECTOR, ".confidence").text) for row in rows]
 
     rows = wait_in_browser(service, browser, track_rows, 60, "a current track in the table")
@@ -202,7 +210,7 @@ def test_a_camera_added_on_the_page_with_a_preview_shows_frames_and_is_removed_t
     assert api_get(service, "/streams/door/summary").json()["preview"] is True
 
     def preview_width() -> int:
-        images = card(browser, "door").find_elements(By.CSS_SELECTOR, "img.preview")
+        images = in_card(browser, "door", "img.preview")
         return int(images[0].get_attribute("naturalWidth") or 0) if images else 0
 
     width = wait_in_browser(service, browser, preview_width, 240, "the annotated preview on the page")
@@ -210,8 +218,7 @@ def test_a_camera_added_on_the_page_with_a_preview_shows_frames_and_is_removed_t
     jpeg = api_get(service, "/streams/door/preview.jpg")
     assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
 
-    door_bars = lambda: card(browser, "door").find_elements(By.CSS_SELECTOR, "svg.chart rect.bar")  # noqa: E731
-    wait_in_browser(service, browser, door_bars, 120, "door's chart")
+    wait_in_browser(service, browser, lambda: in_card(browser, "door", "svg.chart rect.bar"), 120, "door's chart")
     screenshot = Path(os.environ.get("FERSTREAM_LIVE_PAGE_SCREENSHOT") or service.log_path.parent / "live-page.png")
     browser.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
