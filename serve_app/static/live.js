@@ -106,7 +106,7 @@ function createCard(id) {
   const table = element("table", "tracks");
   const thead = element("thead");
   const headRow = element("tr");
-  for (const label of ["track", "emotion", "confidence", "seen"]) headRow.append(element("th", "", label));
+  for (const label of ["track", "emotion", "confidence", "last seen"]) headRow.append(element("th", "", label));
   thead.append(headRow);
   const tbody = element("tbody");
   table.append(thead, tbody);
@@ -181,7 +181,7 @@ function drawTracks(card, summary) {
     const swatch = element("span", "swatch");
     swatch.style.background = colourOf(track.emotion, summary.classes);
     emotion.append(swatch, document.createTextNode(track.emotion));
-    row.append(emotion, element("td", "confidence", Math.round(track.confidence * 100) + "%"), element("td", "age", track.age_s.toFixed(1) + " s ago"));
+    row.append(emotion, element("td", "confidence", Math.round(track.confidence * 100) + "%"), element("td", "age", track.age_s.toFixed(1) + " s"));
     tbody.append(row);
   }
   if (!summary.tracks.length) {

@@ -111,6 +111,11 @@ def in_card(browser: Any, camera_id: str, selector: str) -> list[Any]:
     return found.find_elements(By.CSS_SELECTOR, selector) if found is not None else []
 
 
+def bar_columns(browser: Any, camera_id: str) -> set[str]:
+    """The chart's 5-second columns that have a bar."""
+    return {bar.get_attribute("x") for bar in in_card(browser, camera_id, "svg.chart rect.bar")}
+
+
 def wait_in_browser(service: Service, browser: Any, condition: Any, timeout_s: float, what: str) -> Any:
     from selenium.common.exceptions import StaleElementReferenceException
 
@@ -159,11 +164,8 @@ def test_a_camera_appears_with_its_state_its_chart_fills_and_its_tracks_show_emo
         service, browser, lambda: [state.text for state in in_card(browser, "lobby", ".state")] == ["streaming"], 240, "state streaming"
     )
 
-    def bar_columns() -> set[str]:
-        return {bar.get_attribute("x") for bar in in_card(browser, "lobby", "svg.chart rect.bar")}
-
     # The chart fills: bars in at least two of its 5-second columns, i.e. more than one slice of the minute.
-    wait_in_browser(service, browser, lambda: len(bar_columns()) >= 2, 120, "bars in two columns of the chart")
+    wait_in_browser(service, browser, lambda: len(bar_columns(browser, "lobby")) >= 2, 120, "bars in two columns of the chart")
     classes = api_get(service, "/streams/lobby/summary").json()["classes"]
     assert len(classes) >= 2
 
@@ -218,7 +220,7 @@ def test_a_camera_added_on_the_page_with_a_preview_shows_frames_and_is_removed_t
     jpeg = api_get(service, "/streams/door/preview.jpg")
     assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
 
-    wait_in_browser(service, browser, lambda: in_card(browser, "door", "svg.chart rect.bar"), 120, "door's chart")
+    wait_in_browser(service, browser, lambda: len(bar_columns(browser, "door")) >= 2, 120, "door's chart in two columns")
     screenshot = Path(os.environ.get("FERSTREAM_LIVE_PAGE_SCREENSHOT") or service.log_path.parent / "live-page.png")
     browser.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
