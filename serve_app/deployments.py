@@ -287,10 +287,11 @@ class IngestDeployment:
     def _start_session(self, camera: SourceConfig) -> None:
         metadata = self._model_metadata()
         # Only a camera that asked for it draws previews: face pixels stay in this process otherwise.
-        preview = PreviewWriter(PreviewStore(self.registry.client, self.config.events.stream_prefix), camera.camera_id, metadata.classes)
-        session = CameraSession(
-            camera, self.config, metadata, self.detector, self.classifier, self.publisher, self.metrics, preview if camera.preview else None
-        )
+        preview = None
+        if camera.preview:
+            store = PreviewStore(self.registry.client, self.config.events.stream_prefix)
+            preview = PreviewWriter(store, camera.camera_id, metadata.classes)
+        session = CameraSession(camera, self.config, metadata, self.detector, self.classifier, self.publisher, self.metrics, preview)
         session.start()
         with self._lock:
             self.sessions[camera.camera_id] = session
