@@ -106,7 +106,7 @@ function createCard(id) {
   const table = element("table", "tracks");
   const thead = element("thead");
   const headRow = element("tr");
-  for (const label of ["track", "emotion", "confidence", "last seen"]) headRow.append(element("th", "", label));
+  for (const label of ["track", "emotion", "conf.", "seen"]) headRow.append(element("th", "", label));
   thead.append(headRow);
   const tbody = element("tbody");
   table.append(thead, tbody);
