@@ -106,7 +106,17 @@ function createCard(id) {
   const table = element("table", "tracks");
   const thead = element("thead");
   const headRow = element("tr");
-  for (const label of ["track", "emotion", "conf.", "seen"]) headRow.append(element("th", "", label));
+  const columns = [
+    ["track", "track id: one face followed across frames"],
+    ["emotion", "the top class of the track's latest event"],
+    ["conf.", "the model's probability of that class"],
+    ["seen", "time since the track's latest event"],
+  ];
+  for (const [label, help] of columns) {
+    const cell = element("th", "", label);
+    cell.title = help;
+    headRow.append(cell);
+  }
   thead.append(headRow);
   const tbody = element("tbody");
   table.append(thead, tbody);
