@@ -85,6 +85,9 @@ class SourceConfig(StrictModel):
     max_frame_pixels: int = Field(
         3840 * 2160, ge=1, le=MAX_FRAME_PIXELS, description="frames with more pixels (width x height) are dropped before conversion"
     )
+    preview: bool = Field(
+        False, description="serve the latest processed frame, annotated, as JPEG (pipeline/preview.py); off: no face pixels leave ingest"
+    )
 
     @field_validator("url")
     @classmethod

@@ -4,9 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # redis-server: events (demo, tests). The rest are for the integration tests' real servers:
-# GStreamer's RTSP server (driven by the system python3-gi) and Prometheus.
+# GStreamer's RTSP server (driven by the system python3-gi), Prometheus, and the headless browser that
+# tests the live page (chromium and its chromium-driver, driven by selenium).
 apt_packages=(redis-server python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
-  gstreamer1.0-plugins-bad prometheus)
+  gstreamer1.0-plugins-bad prometheus chromium chromium-driver)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -36,11 +36,14 @@ from pipeline.config import PipelineConfig, SourceConfig, apply_environment, par
 from pipeline.detection import FaceDetection, build_detector, downscale_for_detection, scale_detections
 from pipeline.events import EventPublisher, redis_client
 from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit, describe_error
+from pipeline.live import LiveSummaries
 from pipeline.log_limits import RepeatLimitedLog
 from pipeline.metrics import PipelineMetrics
+from pipeline.preview import PreviewStore, PreviewWriter
 from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
 from pipeline.sources import CameraSource
-from serve_app.api import StreamController, build_api
+from serve_app.api import OPEN_PATHS, StreamController, build_api
+from serve_app.live_routes import PAGE_PATHS, PAGE_PREFIXES, live_hold_s, live_page_router
 
 log = logging.getLogger("ferstream.serve")
 
@@ -187,9 +190,11 @@ class CameraSession:
         publisher: EventPublisher,
         metrics: PipelineMetrics,
         failures: FrameFailures,
+        preview: PreviewWriter | None = None,
     ) -> None:
         self.camera = camera
         self.failures = failures
+        self.preview = preview
         self.detection_size = pipeline_config.detector.detection_size
         self.metadata = metadata
         self.detector = detector
@@ -218,6 +223,8 @@ class CameraSession:
         self.source.stop(timeout_s)
         self._thread.join(timeout_s)
         self.analyzer.close()
+        if self.preview is not None:
+            self.preview.close()
 
     @property
     def threads_alive(self) -> list[str]:
@@ -257,6 +264,8 @@ class CameraSession:
             self.failures.record(camera_id, "classify", frame.frame_index, error)
             return
         self.analyzer.analyze(frame, detections, probabilities)
+        if self.preview is not None:
+            self.preview.offer(frame.image, detections, probabilities)
 
 
 class IngestOptions(BaseModel):
@@ -328,8 +337,14 @@ class IngestDeployment:
         return self._metadata
 
     def _start_session(self, camera: SourceConfig) -> None:
+        metadata = self._model_metadata()
+        # Only a camera that asked for it draws previews: face pixels stay in this process otherwise.
+        preview = None
+        if camera.preview:
+            store = PreviewStore(self.registry.client, self.config.events.stream_prefix)
+            preview = PreviewWriter(store, camera.camera_id, metadata.classes)
         session = CameraSession(
-            camera, self.config, self._model_metadata(), self.detector, self.classifier, self.publisher, self.metrics, self.failures
+            camera, self.config, metadata, self.detector, self.classifier, self.publisher, self.metrics, self.failures, preview
         )
         session.start()
         with self._lock:
@@ -376,7 +391,9 @@ class ControllerDeployment:
         # Start-up cameras are registered once: one the API removed since stays removed.
         self.registry.seed(parse_config(SourceConfig, camera, "cameras_file") for camera in cameras)
         controller = StreamController(self.registry, pipeline_config.url_policy, pipeline_config.max_cameras)
-        self.api = build_api(controller, auth)
+        live = LiveSummaries(self.registry.client, events.stream_prefix, hold_s=live_hold_s(events))
+        page = live_page_router(live, PreviewStore(self.registry.client, events.stream_prefix), self.registry.cameras)
+        self.api = build_api(controller, auth, routers=[page], open_paths=OPEN_PATHS | PAGE_PATHS, open_prefixes=PAGE_PREFIXES)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.api

@@ -29,7 +29,7 @@ from ray.serve.schema import (
 
 import serve_app.metrics as serve_metrics
 from pipeline.batching import BusyAwareBatchWait
-from pipeline.config import ConfigError, PipelineConfig, SourceConfig, load_config
+from pipeline.config import ConfigError, EventsConfig, PipelineConfig, SourceConfig, load_config
 from pipeline.metrics import BATCH_BUCKETS, PipelineMetrics
 from serve_app.api import StreamRequest
 from serve_app.app import REPO_ROOT, absolute_file_url, build_app, load_cameras, resolve_path
@@ -44,6 +44,7 @@ from serve_app.deployments import (
     run_batch,
     submit,
 )
+from serve_app.live_routes import live_hold_s
 from serve_app.metrics import RayMetric, RayMetricFactory
 
 SERVE_CONFIGS = ("configs/serve-cpu.yaml", "configs/serve-gpu.yaml")
@@ -305,6 +306,16 @@ def test_stream_request_defaults() -> None:
     camera = StreamRequest(id="lobby", url="rtsp://cam/stream").to_source_config()
     assert (camera.target_fps, camera.transport, camera.loop) == (5.0, "tcp", False)
     assert StreamRequest(id="all", url="rtsp://cam/stream", fps=None).to_source_config().target_fps is None
+
+
+def test_the_preview_is_off_unless_a_stream_asks_for_it() -> None:
+    assert StreamRequest(id="lobby", url="rtsp://cam/stream").to_source_config().preview is False
+    assert StreamRequest(id="lobby", url="rtsp://cam/stream", options={"preview": True}).to_source_config().preview is True
+
+
+def test_one_event_speaks_for_a_frame_interval_or_for_a_heartbeat_on_the_live_page() -> None:
+    assert live_hold_s(EventsConfig()) == 1.0
+    assert live_hold_s(EventsConfig(policy="on_change", heartbeat_s=5.0)) == 6.0
 
 
 @pytest.mark.parametrize(
