@@ -16,15 +16,19 @@ A short run that only proves the script works end to end (numbers not to be quot
     FERSTREAM_SHARED=../shared python benchmarks/fer_peer.py --resolution native 1080p --frames 12 --seconds 3 --warmup 1
 
 **The peer.** The `fer` package (25.10.3) is installed into its own throwaway venv outside the
-repository (``--venv``, default ``~/.cache/ferstream/peer-venv``; built on first use, reused while
-its requirements are unchanged): ``tensorflow-cpu``, ``opencv-contrib-python<5``, ``setuptools<81``,
-``fer==25.10.3`` with ``--no-deps``, plus what ``from fer import FER; FER(mtcnn=True)`` needs at
-import and that ``--no-deps`` leaves out, found by trying and pinned in ``PEER_IMPORT_DEPENDENCIES``:
-``facenet-pytorch`` (fer's MTCNN, installed ``--no-deps`` so that it does not replace the torch it
-would pull in), ``torch`` and ``torchvision`` CPU builds, ``pandas``, ``requests``, ``pillow``,
-``tqdm``. The worker (``benchmarks/fer_peer_worker.py``, run by the venv's python) calls fer's
-documented ``FER(mtcnn=True)`` and ``detect_emotions(frame)``, one frame at a time, on each clip's
-frames decoded beforehand (decoding is not timed for the peer), after ``--warmup`` seconds.
+repository (``--venv``, default ``~/.cache/ferstream/peer-venv``; built on first use, minutes, and
+reused while its requirements are unchanged): ``tensorflow-cpu``, ``opencv-contrib-python<5``,
+``setuptools<81`` and ``fer==25.10.3 --no-deps``, plus what ``FER(mtcnn=True)`` imports that
+``--no-deps`` leaves out, found by trying and pinned (``PEER_REQUIREMENTS``, ``PEER_NO_DEPS``):
+``facenet-pytorch==2.6.0`` (fer's MTCNN; ``--no-deps``, it pins torch<2.3 and numpy<2),
+``torch==2.14.1`` and ``torchvision==0.29.1`` (the releases ferstream's venv runs), ``pillow==13.0.0``,
+``tqdm==4.67.1``. The worker (``benchmarks/fer_peer_worker.py``, run by the venv's python) calls
+fer's documented ``FER(mtcnn=True)`` and ``detect_emotions(frame)``, one frame at a time, on each
+clip's frames decoded beforehand (decoding is not timed for the peer), after ``--warmup`` seconds.
+Two things a user of fer 25.10.3 meets too: the README's ``from fer import FER`` fails (its
+``__init__`` no longer exports it; the worker falls back to ``fer.fer.FER``), and ``FER(mtcnn=True)``
+crashes with SIGSEGV when triton (from torch's wheel) loads after TensorFlow, so the worker imports
+facenet-pytorch before fer.
 
 **ferstream.** The single-process ``StreamPipeline`` of ``ferstream run`` with ``--config``
 (default ``configs/pipeline.yaml``; its cameras are replaced, events go to a redis-server this
@@ -49,7 +53,8 @@ use; set with ``sched_setaffinity`` on this process, which the peer's process in
 side at a time. ferstream: ``torch.set_num_threads(--threads)`` for detection and classification,
 plus one PyAV decode thread per camera (FFmpeg's decoder defaults). The peer: TensorFlow
 intra-op and inter-op threads = ``--threads``, ``cv2.setNumThreads(--threads)`` and, since fer's
-MTCNN runs on torch, ``torch.set_num_threads(--threads)``. The default 2 is this machine's cores.
+MTCNN runs on torch, ``torch.set_num_threads(--threads)``; fer's emotion model runs in a TFLite
+interpreter that fer builds with TFLite's default threads (not settable from outside fer). The default 2 is this machine's cores.
 The JSON records what each side reported using, and every other process's CPU during each run.
 """
 
@@ -77,11 +82,22 @@ from pipeline_throughput import build_config, build_pipeline, camera_counts, mea
 
 from pipeline.config import PipelineConfig
 
-# What the issue asks for, in the order pip gets them.
-PEER_REQUIREMENTS = ("tensorflow-cpu", "opencv-contrib-python<5", "setuptools<81")
-PEER_PACKAGE = "fer==25.10.3"  # installed --no-deps: its declared dependencies are not what it imports
-# What `from fer import FER; FER(mtcnn=True)` imports that --no-deps leaves out (found by trying), pinned.
-PEER_IMPORT_DEPENDENCIES: tuple[str, ...] = ()
+# What the issue asks for, then what `FER(mtcnn=True)` imports that `fer --no-deps` leaves out (found by
+# trying, pinned): its MTCNN is facenet-pytorch's (torch, torchvision, tqdm), its image helpers need Pillow.
+# torch/torchvision are the releases ferstream's own venv runs, so both sides run the same torch. One pip
+# call for all of them, so that `setuptools<81` (fer imports pkg_resources) holds against torch's setuptools.
+PEER_REQUIREMENTS = (
+    "tensorflow-cpu",
+    "opencv-contrib-python<5",
+    "setuptools<81",
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "pillow==13.0.0",
+    "tqdm==4.67.1",
+)
+# Installed --no-deps: fer declares tensorflow (not -cpu), moviepy, pandas and more that FER does not import,
+# and facenet-pytorch 2.6.0 pins torch<2.3 and numpy<2; both run with the releases above.
+PEER_NO_DEPS = ("fer==25.10.3", "facenet-pytorch==2.6.0")
 PEER_WORKER = Path(__file__).with_name("fer_peer_worker.py")
 DEFAULT_VENV = Path("~/.cache/ferstream/peer-venv")
 STAMP_NAME = "ferstream-peer-requirements.txt"
@@ -94,11 +110,7 @@ RESOLUTIONS: dict[str, tuple[int, int] | None] = {"native": None, "1080p": (1920
 
 def peer_install_plan() -> list[list[str]]:
     """The ``pip install`` argument lists, in order, that build the peer's venv."""
-    plan = [["install", *PEER_REQUIREMENTS]]
-    if PEER_IMPORT_DEPENDENCIES:
-        plan.append(["install", *PEER_IMPORT_DEPENDENCIES])
-    plan.append(["install", "--no-deps", PEER_PACKAGE])
-    return plan
+    return [["install", *PEER_REQUIREMENTS], ["install", "--no-deps", *PEER_NO_DEPS]]
 
 
 def ensure_peer_venv(venv: Path) -> Path:
@@ -115,7 +127,7 @@ def ensure_peer_venv(venv: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     for step in peer_install_plan():
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *step[1:]], check=True)
-    check = subprocess.run([str(python), "-c", "from fer import FER"], capture_output=True, text=True)
+    check = subprocess.run([str(python), "-c", "import facenet_pytorch, fer.fer"], capture_output=True, text=True)
     if check.returncode != 0:
         raise SystemExit(f"the peer's venv cannot import fer:\n{check.stderr[-3000:]}")
     stamp.write_text(wanted)

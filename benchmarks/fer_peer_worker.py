@@ -19,38 +19,56 @@ import json
 import os
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 
+def import_fer() -> Any:
+    """fer's ``FER`` class, with its MTCNN's torch stack loaded first.
+
+    fer imports TensorFlow at import; ``FER(mtcnn=True)`` then imports facenet-pytorch, whose
+    torchvision loads triton (a dependency of torch's PyPI wheel), and triton's native library
+    crashes the process (SIGSEGV in ``triton/knobs.py``) when it loads after TensorFlow's. Loading
+    facenet-pytorch first avoids that and changes nothing of what fer runs.
+    """
+    import facenet_pytorch  # noqa: F401 - see above
+
+    try:
+        from fer import FER  # the README's import
+    except ImportError:  # 25.10.3's fer/__init__.py does not export FER any more
+        from fer.fer import FER
+    return FER
+
+
 def limit_threads(threads: int) -> dict[str, Any]:
-    """TensorFlow's intra- and inter-op pools and OpenCV's pool to ``threads``; must run before fer builds its models."""
+    """TensorFlow's intra- and inter-op pools, OpenCV's and torch's (fer's MTCNN) to ``threads``.
+
+    Must run before fer builds its models. fer's emotion model runs in a ``tf.lite.Interpreter``
+    that fer creates with TFLite's default threads, which cannot be set from outside fer.
+    """
     import cv2
     import tensorflow as tf
+    import torch
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     cv2.setNumThreads(threads)
-    used: dict[str, Any] = {
+    torch.set_num_threads(threads)
+    return {
         "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "cv2_threads": cv2.getNumThreads(),
+        "torch_threads": torch.get_num_threads(),
     }
-    if "torch" in sys.modules:  # only if fer's detector stack brought torch in
-        import torch
-
-        torch.set_num_threads(threads)
-        used["torch_threads"] = torch.get_num_threads()
-    return used
 
 
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for package in ("fer", "tensorflow-cpu", "keras", "opencv-contrib-python", "numpy", "facenet-pytorch", "mtcnn", "torch"):
+    packages = ("fer", "tensorflow-cpu", "keras", "opencv-contrib-python", "numpy", "facenet-pytorch", "torch", "torchvision", "pillow")
+    for package in packages:
         try:
             found[package] = version(package)
         except PackageNotFoundError:
@@ -69,11 +87,9 @@ def main() -> int:
 
     import numpy as np
 
+    fer_class = import_fer()
     threads = limit_threads(args.threads)
-    from fer import FER
-
-    detector = FER(mtcnn=True)
-    threads = {**threads, **limit_threads(args.threads)}  # again: fer's imports may have brought torch in
+    detector = fer_class(mtcnn=True)
 
     clips: dict[str, list[Any]] = {}
     for item in args.clip:
