@@ -194,7 +194,9 @@ def clip_set_label(clips: list[PreparedClip]) -> str:
 # -- the two sides --------------------------------------------------------------------------------
 
 
-def run_peer(python: Path, clips: list[PreparedClip], warmup: float, seconds: float, threads: int, work: Path) -> dict[str, Any]:
+def run_peer(
+    python: Path, clips: list[PreparedClip], warmup: float, seconds: float, threads: int, work: Path, exclude: set[int]
+) -> dict[str, Any]:
     out = work / "peer-result.json"
     out.unlink(missing_ok=True)
     command = [str(python), str(PEER_WORKER), "--warmup", str(warmup), "--seconds", str(seconds), "--threads", str(threads)]
@@ -211,7 +213,7 @@ def run_peer(python: Path, clips: list[PreparedClip], warmup: float, seconds: fl
         raise SystemExit(f"the peer worker failed (exit {process.returncode}):\n{output[-4000:]}")
     result = json.loads(out.read_text())
     result["process_s"] = round(elapsed, 1)
-    result["other_processes_cpu"] = common.other_processes_cpu(ticks_before, ticks_after, elapsed, {process.pid})
+    result["other_processes_cpu"] = common.other_processes_cpu(ticks_before, ticks_after, elapsed, {process.pid, *exclude})
     return result
 
 
@@ -277,6 +279,7 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "clips": {
             name: {
                 "frames": peer["clips"][name]["frames_per_pass"],
+                "ferstream_frames_processed": item["frames_processed_in_pass"],
                 "peer_faces": peer["clips"][name]["faces"],
                 "ferstream_faces": item["faces"],
             }
@@ -304,7 +307,15 @@ def report_markdown(sets: list[dict[str, Any]]) -> str:
                 ]
             )
     per_clip = [
-        [item["resolution"], name, clip["frames"], clip["peer_faces"], clip["ferstream_faces"]]
+        [
+            item["resolution"],
+            name,
+            clip["frames"]
+            if clip["ferstream_frames_processed"] == clip["frames"]
+            else f"{clip['frames']} (ferstream processed only {clip['ferstream_frames_processed']})",
+            clip["peer_faces"],
+            clip["ferstream_faces"],
+        ]
         for item in sets
         for name, clip in item["comparison"]["clips"].items()
     ]
@@ -378,7 +389,7 @@ def main() -> int:
             for repeat in range(args.repeats):
                 for side in ("fer", "ferstream"):
                     if side == "fer":
-                        run = run_peer(python, prepared, args.warmup, args.seconds, args.threads, work)
+                        run = run_peer(python, prepared, args.warmup, args.seconds, args.threads, work, exclude)
                     else:
                         run = run_ferstream(config, prepared, args.warmup, args.seconds, exclude)
                     run["repeat"] = repeat
