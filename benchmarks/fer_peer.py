@@ -329,7 +329,10 @@ def report_markdown(sets: list[dict[str, Any]]) -> str:
 def apply_cpus(cpus: set[int]) -> None:
     """Pin every thread of this process (new threads and child processes inherit it) to ``cpus``."""
     for task in Path("/proc/self/task").iterdir():
-        os.sched_setaffinity(int(task.name), cpus)
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
 
 
 def main() -> int:
