@@ -13,10 +13,10 @@ clips in ``../shared/media`` or ``$FERSTREAM_SHARED/media``)::
 
 A short run that only proves the script works end to end (numbers not to be quoted)::
 
-    FERSTREAM_SHARED=../shared python benchmarks/fer_peer.py --resolution native 1080p --frames 12 --seconds 3 --warmup 1
+    FERSTREAM_SHARED=../shared python benchmarks/fer_peer.py --resolution native 1080p --frames 3 --seconds 1 --warmup 0 --repeats 1
 
 **The peer.** The `fer` package (25.10.3) is installed into its own throwaway venv outside the
-repository (``--venv``, default ``~/.cache/ferstream/peer-venv``; built on first use, minutes, and
+repository (``--venv``, default ``~/.cache/ferstream/peer-venv``; built on first use, 7.5 min on a busy 2-core machine, and
 reused while its requirements are unchanged): ``tensorflow-cpu``, ``opencv-contrib-python<5``,
 ``setuptools<81`` and ``fer==25.10.3 --no-deps``, plus what ``FER(mtcnn=True)`` imports that
 ``--no-deps`` leaves out, found by trying and pinned (``PEER_REQUIREMENTS``, ``PEER_NO_DEPS``):
