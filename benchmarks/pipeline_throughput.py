@@ -44,6 +44,7 @@ from pipeline.metrics import STAGES, PipelineMetrics
 from pipeline.runner import ModelStages, StreamPipeline
 
 PROCESSING_STAGES = ("detect", "classify", "track", "publish")
+CAMERA_KEY = "camera:"  # snapshot keys of per-camera counters: camera:<id>:<counter>
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,69 @@ def snapshot(metrics: PipelineMetrics, camera_ids: list[str]) -> Snapshot:
         values[f"batch_{stage}_count"] = value("batch_size_count", {"stage": stage})
     values["e2e_sum"] = sum(value("end_to_end_latency_seconds_sum", {"camera": c}) for c in camera_ids)
     values["e2e_count"] = sum(value("end_to_end_latency_seconds_count", {"camera": c}) for c in camera_ids)
+    for camera in camera_ids:
+        for counter in ("frames_processed_total", "faces_detected_total"):
+            values[f"{CAMERA_KEY}{camera}:{counter}"] = value(counter, {"camera": camera})
     return Snapshot(time.perf_counter(), values)
+
+
+def camera_counts(start: Snapshot, end: Snapshot) -> dict[str, dict[str, Any]]:
+    """camera -> frames processed, faces detected and faces per frame between two snapshots."""
+    cameras: dict[str, dict[str, Any]] = {}
+    for key, value in end.values.items():
+        if key.startswith(CAMERA_KEY):
+            camera, counter = key[len(CAMERA_KEY) :].rsplit(":", 1)
+            cameras.setdefault(camera, {})[counter] = int(value - start.values.get(key, 0.0))
+    return {
+        camera: {
+            "frames": counts["frames_processed_total"],
+            "faces": counts["faces_detected_total"],
+            "faces_per_frame": round(counts["faces_detected_total"] / counts["frames_processed_total"], 3)
+            if counts["frames_processed_total"]
+            else None,
+        }
+        for camera, counts in cameras.items()
+    }
+
+
+def build_pipeline(config: PipelineConfig) -> tuple[StreamPipeline, PipelineMetrics]:
+    """The real ``StreamPipeline`` of ``ferstream run`` with its own metrics registry (no HTTP server)."""
+    metrics = PipelineMetrics()
+    models = ModelStages(
+        detector=build_detector(config.detector),
+        classifier=ExpressionClassifier(config.classifier),
+        detection_size=config.detector.detection_size,
+    )
+    return StreamPipeline(config, metrics, models, EventPublisher(config.events, metrics)), metrics
+
+
+def unpaced_source(camera_id: str, clip: Path, loop: bool = True) -> SourceConfig:
+    """A clip as a camera that is never starved and never throttled: every frame, no pacing, nothing dropped."""
+    return SourceConfig(camera_id=camera_id, url=str(clip), realtime=False, target_fps=None, loop=loop)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A measured window: metrics and per-process CPU ticks at its start and end."""
+
+    start: Snapshot
+    end: Snapshot
+    ticks_before: dict[int, tuple[int, str]]
+    ticks_after: dict[int, tuple[int, str]]
+
+    def own_cpu_percent(self) -> float:
+        own = self.ticks_after.get(os.getpid(), (0, ""))[0] - self.ticks_before.get(os.getpid(), (0, ""))[0]
+        return round(100 * own / os.sysconf("SC_CLK_TCK") / (self.end.at - self.start.at), 1)
+
+
+def measure_window(pipeline: StreamPipeline, metrics: PipelineMetrics, camera_ids: list[str], warmup: float, seconds: float) -> Window:
+    """Run ``warmup`` seconds, then measure ``seconds`` more (the cameras must be added already)."""
+    pipeline.run(max_seconds=warmup)
+    ticks_before = common.cpu_snapshot()
+    start = snapshot(metrics, camera_ids)
+    pipeline.run(max_seconds=seconds)
+    end = snapshot(metrics, camera_ids)
+    return Window(start, end, ticks_before, common.cpu_snapshot())
 
 
 def build_config(base: Path, redis_url: str, detection_size: int | None) -> PipelineConfig:
@@ -85,7 +148,7 @@ def build_config(base: Path, redis_url: str, detection_size: int | None) -> Pipe
 
 
 def summarize(start: Snapshot, end: Snapshot) -> dict[str, Any]:
-    delta = {key: end.values[key] - start.values[key] for key in end.values}
+    delta = {key: end.values[key] - start.values.get(key, 0.0) for key in end.values}
     wall = end.at - start.at
     frames = delta["frames_processed_total"]
     stages: dict[str, dict[str, float | None]] = {}
@@ -122,6 +185,7 @@ def summarize(start: Snapshot, end: Snapshot) -> dict[str, Any]:
         ),
         "mean_capture_to_publish_ms": round(1000 * delta["e2e_sum"] / delta["e2e_count"], 2) if delta["e2e_count"] else None,
         "stages": stages,
+        "cameras": camera_counts(start, end),
     }
 
 
@@ -200,34 +264,21 @@ def main() -> int:
             "seconds": args.seconds,
             "source": {"realtime": False, "target_fps": None, "loop": True},
         }
-        metrics = PipelineMetrics()
-        models = ModelStages(
-            detector=build_detector(config.detector),
-            classifier=ExpressionClassifier(config.classifier),
-            detection_size=config.detector.detection_size,
-        )
-        publisher = EventPublisher(config.events, metrics)
-        pipeline = StreamPipeline(config, metrics, models, publisher)
+        pipeline, metrics = build_pipeline(config)
         camera_ids = [f"bench{index}" for index in range(args.cameras)]
         try:
             for camera_id in camera_ids:
-                pipeline.add_camera(
-                    SourceConfig(camera_id=camera_id, url=str(clip), realtime=False, target_fps=None, loop=True),
-                )
-            pipeline.run(max_seconds=args.warmup)
-            ticks_before = common.cpu_snapshot()
-            start = snapshot(metrics, camera_ids)
-            pipeline.run(max_seconds=args.seconds)
-            end = snapshot(metrics, camera_ids)
-            ticks_after = common.cpu_snapshot()
+                pipeline.add_camera(unpaced_source(camera_id, clip))
+            window = measure_window(pipeline, metrics, camera_ids, args.warmup, args.seconds)
             exclude = {redis_server.pid} if redis_server.pid is not None else set()
-            result["other_processes_cpu_during_window"] = common.other_processes_cpu(ticks_before, ticks_after, end.at - start.at, exclude)
+            result["other_processes_cpu_during_window"] = common.other_processes_cpu(
+                window.ticks_before, window.ticks_after, window.end.at - window.start.at, exclude
+            )
         finally:
             pipeline.close()
 
-    result["summary"] = summarize(start, end)
-    own_ticks = ticks_after.get(os.getpid(), (0, ""))[0] - ticks_before.get(os.getpid(), (0, ""))[0]
-    result["summary"]["benchmark_process_cpu_percent"] = round(100 * own_ticks / os.sysconf("SC_CLK_TCK") / (end.at - start.at), 1)
+    result["summary"] = summarize(window.start, window.end)
+    result["summary"]["benchmark_process_cpu_percent"] = window.own_cpu_percent()
     result["busy_processes_at_end"] = common.busy_processes()
     result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     print(report_markdown(result))
