@@ -10,12 +10,14 @@ architecture works for 48x48 or 44x44 (centre-cropped) inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["ARCHITECTURES", "VggNet", "build_model", "count_parameters", "register"]
+__all__ = ["ARCHITECTURES", "ProbabilityEnsemble", "VggNet", "build_model", "count_parameters", "register"]
 
 
 class VggNet(nn.Module):
@@ -67,6 +69,61 @@ class VggNet(nn.Module):
         return self.classifier(self.dropout(x))
 
 
+class ProbabilityEnsemble(nn.Module):
+    """A weighted average of member networks' class probabilities, as one network.
+
+    ``members`` describe each network as plain data (``{"arch", "arch_kwargs", "mean", "std"}``), so an
+    ensemble is stored in the ordinary checkpoint format: the spec lives in the metadata's
+    ``arch_kwargs`` and the members' weights in the state dict under ``members.<i>.``. Inputs arrive
+    normalized with the ensemble's ``mean``/``std``; a member trained with other statistics gets
+    them re-applied, so members from different runs can be combined.
+
+    The output is ``log(sum_i w_i softmax(member_i(x))) / temperature``: a softmax of it gives the
+    averaged probabilities (at temperature 1), so every consumer that treats the output as logits
+    (the service, ``ferstream eval``, the ONNX export, a distillation teacher) works unchanged.
+    ``temperature`` is a buffer, so ``ferstream calibrate`` changes the state dict only.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        members: Sequence[Mapping[str, Any]],
+        weights: Sequence[float],
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        in_channels: int = 1,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        if len(weights) != len(members):
+            raise ValueError(f"{len(members)} members but {len(weights)} weights")
+        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {list(weights)}")
+        self.members = nn.ModuleList(
+            build_model(str(m["arch"]), num_classes, in_channels=in_channels, **dict(m.get("arch_kwargs", {}))) for m in members
+        )
+        total = float(sum(weights))
+        self.register_buffer("weights", torch.tensor([w / total for w in weights], dtype=torch.float32))
+        # Per member: x_member = x * scale + shift turns the ensemble's normalization into the member's.
+        scales, shifts = [], []
+        for member in members:
+            m_mean, m_std = member.get("mean", mean), member.get("std", std)
+            scales.append([s / ms for s, ms in zip(std, m_std, strict=True)])
+            shifts.append([(e - me) / ms for e, me, ms in zip(mean, m_mean, m_std, strict=True)])
+        self.register_buffer("input_scale", torch.tensor(scales, dtype=torch.float32).view(len(members), 1, -1, 1, 1))
+        self.register_buffer("input_shift", torch.tensor(shifts, dtype=torch.float32).view(len(members), 1, -1, 1, 1))
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        probabilities = torch.stack(
+            [torch.softmax(member(x * self.input_scale[i] + self.input_shift[i]), dim=1) for i, member in enumerate(self.members)]
+        )
+        mixed = (probabilities * self.weights.view(-1, 1, 1)).sum(0)
+        return torch.log(mixed.clamp_min(1e-12)) / self.temperature
+
+
 def _vgg(widths: Sequence[int], dropout: float) -> Callable[..., nn.Module]:
     def factory(num_classes: int, **kwargs: Any) -> nn.Module:
         options: dict[str, Any] = {"widths": tuple(widths), "dropout": dropout}
@@ -85,6 +142,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "compact": _vgg((24, 48, 96, 192), dropout=0.2),
     # GPU serving: ~4.7M params, the classic FER2013 VGG widths.
     "wide": _vgg((64, 128, 256, 512), dropout=0.3),
+    # Weighted probability average of any of the above (`ferstream ensemble` writes these).
+    "ensemble": ProbabilityEnsemble,
 }
 
 
