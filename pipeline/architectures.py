@@ -17,7 +17,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ARCHITECTURES", "ProbabilityEnsemble", "VggNet", "build_model", "count_parameters", "register"]
+__all__ = [
+    "ARCHITECTURES",
+    "COMPOSITE_ARCHITECTURES",
+    "ProbabilityEnsemble",
+    "VggNet",
+    "build_model",
+    "count_parameters",
+    "known_architectures",
+    "register",
+]
 
 
 class VggNet(nn.Module):
@@ -112,13 +121,17 @@ class ProbabilityEnsemble(nn.Module):
             m_mean, m_std = member.get("mean", mean), member.get("std", std)
             scales.append([s / ms for s, ms in zip(std, m_std, strict=True)])
             shifts.append([(e - me) / ms for e, me, ms in zip(mean, m_mean, m_std, strict=True)])
-        self.register_buffer("input_scale", torch.tensor(scales, dtype=torch.float32).view(len(members), 1, -1, 1, 1))
-        self.register_buffer("input_shift", torch.tensor(shifts, dtype=torch.float32).view(len(members), 1, -1, 1, 1))
+        # members x channels; shaped for broadcasting in forward (a 4-D/5-D buffer would break .to(memory_format=...)).
+        self.register_buffer("input_scale", torch.tensor(scales, dtype=torch.float32))
+        self.register_buffer("input_shift", torch.tensor(shifts, dtype=torch.float32))
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
         probabilities = torch.stack(
-            [torch.softmax(member(x * self.input_scale[i] + self.input_shift[i]), dim=1) for i, member in enumerate(self.members)]
+            [
+                torch.softmax(member(x * self.input_scale[i].view(1, -1, 1, 1) + self.input_shift[i].view(1, -1, 1, 1)), dim=1)
+                for i, member in enumerate(self.members)
+            ]
         )
         mixed = (probabilities * self.weights.view(-1, 1, 1)).sum(0)
         return torch.log(mixed.clamp_min(1e-12)) / self.temperature
@@ -142,23 +155,32 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "compact": _vgg((24, 48, 96, 192), dropout=0.2),
     # GPU serving: ~4.7M params, the classic FER2013 VGG widths.
     "wide": _vgg((64, 128, 256, 512), dropout=0.3),
-    # Weighted probability average of any of the above (`ferstream ensemble` writes these).
+}
+
+# Models made of other models: loadable from a checkpoint like any architecture, but not trainable
+# from scratch (their constructor needs the members), so `ferstream train --arch` does not offer them.
+COMPOSITE_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    # Weighted probability average of any models (`ferstream ensemble` writes these).
     "ensemble": ProbabilityEnsemble,
 }
 
 
+def known_architectures() -> list[str]:
+    """Every architecture a checkpoint may name."""
+    return sorted({*ARCHITECTURES, *COMPOSITE_ARCHITECTURES})
+
+
 def register(name: str, factory: Callable[..., nn.Module]) -> None:
     """Add an architecture; refuses to silently replace one that checkpoints may refer to."""
-    if name in ARCHITECTURES:
+    if name in ARCHITECTURES or name in COMPOSITE_ARCHITECTURES:
         raise ValueError(f"architecture {name!r} is already registered")
     ARCHITECTURES[name] = factory
 
 
 def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    try:
-        factory = ARCHITECTURES[name]
-    except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
+    factory = ARCHITECTURES.get(name) or COMPOSITE_ARCHITECTURES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(known_architectures())}")
     return factory(num_classes, **kwargs)
 
 

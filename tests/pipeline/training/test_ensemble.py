@@ -50,6 +50,11 @@ def test_ensemble_output_is_the_weighted_probability_average_with_each_members_n
     with torch.no_grad():
         expected = 0.75 * torch.softmax(a((raw - 0.5) / 0.3), 1) + 0.25 * torch.softmax(b((raw - 0.4) / 0.25), 1)
         assert torch.allclose(torch.softmax(ensemble((raw - 0.5) / 0.3), 1), expected, atol=1e-6)
+        # Training code moves models (a distillation teacher included) to channels_last.
+        fast = ensemble.to(memory_format=torch.channels_last)
+        assert torch.allclose(
+            torch.softmax(fast(((raw - 0.5) / 0.3).contiguous(memory_format=torch.channels_last)), 1), expected, atol=1e-5
+        )
     with pytest.raises(ValueError, match="weights"):
         ProbabilityEnsemble(7, members, weights=[1.0])
 
