@@ -102,6 +102,9 @@ DELEGATED = {
     "distill": DelegatedCommand(
         "pipeline.training.distill", "train a student on a teacher model's soft labels (every train option, --resume auto)"
     ),
+    "calibrate": DelegatedCommand(
+        "pipeline.training.calibrate", "fit a softmax temperature on val and fold it into the model file (calibrated confidence)"
+    ),
     "adjust-logits": DelegatedCommand(
         "pipeline.training.logit_adjust", "fold a logit adjustment for class imbalance into a checkpoint (tau chosen on val)"
     ),
