@@ -7,6 +7,8 @@ import torch
 from pipeline import cli
 from pipeline.architectures import ProbabilityEnsemble, build_model
 from pipeline.checkpoint import ModelMetadata, load_checkpoint, load_onnx, preprocess_crops, save_checkpoint
+from pipeline.classification import ExpressionClassifier
+from pipeline.config import ClassifierConfig
 from pipeline.training.data import FER_CLASSES, load_image_folder
 from pipeline.training.ensemble import greedy_selection, mixed_probabilities, negative_log_likelihood
 from pipeline.training.evaluate import evaluate, predict_probabilities
@@ -111,3 +113,23 @@ def test_hand_given_weights_and_bad_input_are_reported(tiny_data, tmp_path, caps
     save_checkpoint(odd, build_model("tiny", 7), ModelMetadata("odd", "tiny", {}, FER_CLASSES, 40, 48, True, (0.5,), (0.3,), 0.1, {}))
     assert cli.main(["ensemble", str(paths[0]), str(odd), "--data", str(tiny_data / "val"), "--output", str(out)]) == 2
     assert "input_size 40 differs" in capsys.readouterr().err
+
+
+def test_the_service_classifier_runs_a_calibrated_ensemble_file(tiny_data, tmp_path, capsys):
+    paths = [member_checkpoint(tmp_path / f"m{i}.pt", i, 0.5, 0.3) for i in range(2)]
+    out = tmp_path / "ens.pt"
+    assert cli.main(["ensemble", *map(str, paths), "--data", str(tiny_data / "val"), "--output", str(out), "--weights", "2,1"]) == 0
+    assert cli.main(["calibrate", str(out), "--data", str(tiny_data / "val")]) == 0
+    temperature = [json.loads(line) for line in capsys.readouterr().out.splitlines()][-1]["temperature"]
+    calibrated = tmp_path / "ens-cal.pt"
+    val = load_image_folder(tiny_data / "val")
+    crops = list(val.images[:6])
+    member_probabilities = [predict_probabilities(*load_checkpoint(p), crops) for p in paths]
+    expected_log = np.log(mixed_probabilities(member_probabilities, [2, 1])) / temperature
+    expected = np.exp(expected_log) / np.exp(expected_log).sum(1, keepdims=True)
+    for backend, model_file in (("torch", calibrated), ("onnxruntime", tmp_path / "ens-cal.onnx")):
+        if backend == "onnxruntime":
+            assert export_main(["--format", "onnx", "--model", str(calibrated), "--output", str(model_file)]) == 0
+        classifier = ExpressionClassifier(ClassifierConfig(backend=backend, checkpoint=model_file))
+        assert classifier.model_id == f"ens-t{temperature:.2f}"
+        assert np.allclose(classifier.predict(crops), expected, atol=1e-5), backend
