@@ -105,6 +105,7 @@ DELEGATED = {
     "calibrate": DelegatedCommand(
         "pipeline.training.calibrate", "fit a softmax temperature on val and fold it into the model file (calibrated confidence)"
     ),
+    "explain": DelegatedCommand("pipeline.training.explain", "Grad-CAM overlays (PNG) of what a model looks at in face crops"),
     "adjust-logits": DelegatedCommand(
         "pipeline.training.logit_adjust", "fold a logit adjustment for class imbalance into a checkpoint (tau chosen on val)"
     ),
