@@ -10,12 +10,23 @@ architecture works for 48x48 or 44x44 (centre-cropped) inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["ARCHITECTURES", "VggNet", "build_model", "count_parameters", "register"]
+__all__ = [
+    "ARCHITECTURES",
+    "COMPOSITE_ARCHITECTURES",
+    "ProbabilityEnsemble",
+    "VggNet",
+    "build_model",
+    "count_parameters",
+    "known_architectures",
+    "register",
+]
 
 
 class VggNet(nn.Module):
@@ -67,6 +78,65 @@ class VggNet(nn.Module):
         return self.classifier(self.dropout(x))
 
 
+class ProbabilityEnsemble(nn.Module):
+    """A weighted average of member networks' class probabilities, as one network.
+
+    ``members`` describe each network as plain data (``{"arch", "arch_kwargs", "mean", "std"}``), so an
+    ensemble is stored in the ordinary checkpoint format: the spec lives in the metadata's
+    ``arch_kwargs`` and the members' weights in the state dict under ``members.<i>.``. Inputs arrive
+    normalized with the ensemble's ``mean``/``std``; a member trained with other statistics gets
+    them re-applied, so members from different runs can be combined.
+
+    The output is ``log(sum_i w_i softmax(member_i(x))) / temperature``: a softmax of it gives the
+    averaged probabilities (at temperature 1), so every consumer that treats the output as logits
+    (the service, ``ferstream eval``, the ONNX export, a distillation teacher) works unchanged.
+    ``temperature`` is a buffer, so ``ferstream calibrate`` changes the state dict only.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        members: Sequence[Mapping[str, Any]],
+        weights: Sequence[float],
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        in_channels: int = 1,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        if len(weights) != len(members):
+            raise ValueError(f"{len(members)} members but {len(weights)} weights")
+        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {list(weights)}")
+        self.members = nn.ModuleList(
+            build_model(str(m["arch"]), num_classes, in_channels=in_channels, **dict(m.get("arch_kwargs", {}))) for m in members
+        )
+        total = float(sum(weights))
+        self.register_buffer("weights", torch.tensor([w / total for w in weights], dtype=torch.float32))
+        # Per member: x_member = x * scale + shift turns the ensemble's normalization into the member's.
+        scales, shifts = [], []
+        for member in members:
+            m_mean, m_std = member.get("mean", mean), member.get("std", std)
+            scales.append([s / ms for s, ms in zip(std, m_std, strict=True)])
+            shifts.append([(e - me) / ms for e, me, ms in zip(mean, m_mean, m_std, strict=True)])
+        # members x channels; shaped for broadcasting in forward (a 4-D/5-D buffer would break .to(memory_format=...)).
+        self.register_buffer("input_scale", torch.tensor(scales, dtype=torch.float32))
+        self.register_buffer("input_shift", torch.tensor(shifts, dtype=torch.float32))
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        probabilities = torch.stack(
+            [
+                torch.softmax(member(x * self.input_scale[i].view(1, -1, 1, 1) + self.input_shift[i].view(1, -1, 1, 1)), dim=1)
+                for i, member in enumerate(self.members)
+            ]
+        )
+        mixed = (probabilities * self.weights.view(-1, 1, 1)).sum(0)
+        return torch.log(mixed.clamp_min(1e-12)) / self.temperature
+
+
 def _vgg(widths: Sequence[int], dropout: float) -> Callable[..., nn.Module]:
     def factory(num_classes: int, **kwargs: Any) -> nn.Module:
         options: dict[str, Any] = {"widths": tuple(widths), "dropout": dropout}
@@ -87,19 +157,30 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "wide": _vgg((64, 128, 256, 512), dropout=0.3),
 }
 
+# Models made of other models: loadable from a checkpoint like any architecture, but not trainable
+# from scratch (their constructor needs the members), so `ferstream train --arch` does not offer them.
+COMPOSITE_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    # Weighted probability average of any models (`ferstream ensemble` writes these).
+    "ensemble": ProbabilityEnsemble,
+}
+
+
+def known_architectures() -> list[str]:
+    """Every architecture a checkpoint may name."""
+    return sorted({*ARCHITECTURES, *COMPOSITE_ARCHITECTURES})
+
 
 def register(name: str, factory: Callable[..., nn.Module]) -> None:
     """Add an architecture; refuses to silently replace one that checkpoints may refer to."""
-    if name in ARCHITECTURES:
+    if name in ARCHITECTURES or name in COMPOSITE_ARCHITECTURES:
         raise ValueError(f"architecture {name!r} is already registered")
     ARCHITECTURES[name] = factory
 
 
 def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    try:
-        factory = ARCHITECTURES[name]
-    except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
+    factory = ARCHITECTURES.get(name) or COMPOSITE_ARCHITECTURES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(known_architectures())}")
     return factory(num_classes, **kwargs)
 
 

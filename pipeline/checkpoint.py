@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.architectures import ARCHITECTURES, build_model
+from pipeline.architectures import build_model, known_architectures
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -133,9 +133,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} has format {found!r}, expected {CHECKPOINT_FORMAT!r}")
     metadata = ModelMetadata.from_dict(payload["metadata"])
-    if metadata.arch not in ARCHITECTURES:
+    if metadata.arch not in known_architectures():
         raise CheckpointError(
-            f"{path} needs architecture {metadata.arch!r}, which this version does not know ({', '.join(sorted(ARCHITECTURES))})"
+            f"{path} needs architecture {metadata.arch!r}, which this version does not know ({', '.join(known_architectures())})"
         )
     kwargs = {"in_channels": metadata.channels, **metadata.arch_kwargs}
     model = build_model(metadata.arch, len(metadata.classes), **kwargs)

@@ -208,6 +208,16 @@ DELEGATED = {
     "calibrate-margin": DelegatedCommand(
         "pipeline.training.calibrate_margin", "choose a checkpoint's face_margin on the service's own detector crops"
     ),
+    "ensemble": DelegatedCommand(
+        "pipeline.training.ensemble", "combine checkpoints into one ensemble model file (greedy selection on val, or given weights)"
+    ),
+    "distill": DelegatedCommand(
+        "pipeline.training.distill", "train a student on a teacher model's soft labels (every train option, --resume auto)"
+    ),
+    "calibrate": DelegatedCommand(
+        "pipeline.training.calibrate", "fit a softmax temperature on val and fold it into the model file (calibrated confidence)"
+    ),
+    "explain": DelegatedCommand("pipeline.training.explain", "Grad-CAM overlays (PNG) of what a model looks at in face crops"),
     "adjust-logits": DelegatedCommand(
         "pipeline.training.logit_adjust", "fold a logit adjustment for class imbalance into a checkpoint (tau chosen on val)"
     ),

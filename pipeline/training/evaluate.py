@@ -17,7 +17,21 @@ from torch import nn
 from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, load_checkpoint, preprocess_crops
 from pipeline.training.data import DatasetError, add_dataset_arguments, load_split_from_args
 
-__all__ = ["confusion_matrix", "evaluate", "main", "metrics_from_confusion", "plot_confusion_matrix", "predict_probabilities"]
+__all__ = [
+    "ECE_BINS",
+    "confusion_matrix",
+    "evaluate",
+    "expected_calibration_error",
+    "main",
+    "metrics_from_confusion",
+    "plot_confusion_matrix",
+    "plot_reliability_diagram",
+    "predict_probabilities",
+    "reliability_bins",
+]
+
+# Equal-width confidence bins for ECE and the reliability diagram (Guo et al., "On calibration of modern neural networks", 2017).
+ECE_BINS = 15
 
 
 def confusion_matrix(labels: Sequence[int] | np.ndarray, predictions: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
@@ -71,6 +85,78 @@ def metrics_from_confusion(cm: np.ndarray, classes: Sequence[str]) -> dict[str, 
     }
 
 
+# --------------------------------------------------------------------------- calibration
+
+
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Per equal-width bin of top-1 confidence: its range, count, mean confidence and accuracy (empty bins included)."""
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == labels
+    # Right-closed bins (0, 1/B], ..., ((B-1)/B, 1]: a confidence of exactly 1 lands in the last one.
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        mask = index == b
+        count = int(mask.sum())
+        rows.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "count": count,
+                "confidence": float(confidence[mask].mean()) if count else 0.0,
+                "accuracy": float(correct[mask].mean()) if count else 0.0,
+            }
+        )
+    return rows
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Sum over bins of (bin share of samples) x |accuracy - mean confidence| of the top-1 prediction."""
+    total = len(labels)
+    if total == 0:
+        return 0.0
+    return float(
+        sum(row["count"] / total * abs(row["accuracy"] - row["confidence"]) for row in reliability_bins(probabilities, labels, bins))
+    )
+
+
+def _negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    if len(labels) == 0:
+        return 0.0
+    return float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+def plot_reliability_diagram(probabilities: np.ndarray, labels: np.ndarray, path: Path, title: str, bins: int = ECE_BINS) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = reliability_bins(probabilities, labels, bins)
+    centres = [(row["low"] + row["high"]) / 2 for row in rows]
+    width = 1.0 / bins
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(centres, [row["accuracy"] for row in rows], width=width * 0.95, color="tab:blue", label="accuracy")
+    ax.bar(
+        centres,
+        [row["confidence"] - row["accuracy"] if row["count"] else 0.0 for row in rows],
+        bottom=[row["accuracy"] for row in rows],
+        width=width * 0.95,
+        color="tab:red",
+        alpha=0.35,
+        label="gap to mean confidence",
+    )
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title}\nECE {expected_calibration_error(probabilities, labels, bins):.4f}")
+    ax.legend(loc="upper left")
+    ax_count.bar(centres, [row["count"] for row in rows], width=width * 0.95, color="gray")
+    ax_count.set(xlabel="top-1 confidence", ylabel="faces")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- model evaluation
 
 
@@ -116,6 +202,9 @@ def _metrics_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, c
     k = min(5, len(classes))
     top_k = np.argsort(-probabilities, axis=1)[:, :k]
     result["top5_accuracy"] = float((top_k == labels[:, None]).any(1).mean()) if len(labels) else 0.0
+    result["nll"] = _negative_log_likelihood(probabilities, labels)
+    result["ece"] = expected_calibration_error(probabilities, labels)
+    result["ece_bins"] = ECE_BINS
     return result
 
 
@@ -127,13 +216,27 @@ def evaluate(
     The top level holds the plain (single centre crop) metrics; with ``tta`` the same keys computed
     with test-time augmentation are added under ``"tta"``, so the two are never confused.
     """
+    return _evaluate_with_probabilities(model, metadata, images, labels, tta)[0]
+
+
+def _evaluate_with_probabilities(
+    model: nn.Module, metadata: ModelMetadata, images: Sequence[np.ndarray] | np.ndarray, labels: np.ndarray, tta: bool
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """:func:`evaluate`'s metrics, plus the plain probabilities and the labels (for the reliability diagram)."""
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    result = _metrics_from_probabilities(predict_probabilities(model, metadata, images), labels, metadata.classes)
+    probabilities = predict_probabilities(model, metadata, images)
+    result = _metrics_from_probabilities(probabilities, labels, metadata.classes)
     if tta:
         result["tta"] = _metrics_from_probabilities(predict_probabilities(model, metadata, images, tta=True), labels, metadata.classes)
-    return result
+    return result, probabilities, labels
+
+
+def reliability_plot_path(confusion_png: Path) -> Path:
+    """The reliability diagram goes next to the confusion matrix: ``x_confusion.png`` -> ``x_reliability.png``."""
+    stem = confusion_png.stem.removesuffix("_confusion")
+    return confusion_png.with_name(f"{stem}_reliability{confusion_png.suffix or '.png'}")
 
 
 def default_plot_path(model_path: Path) -> Path:
@@ -178,7 +281,8 @@ def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: Path, ti
 
 def _print_human(result: dict[str, Any], label: str) -> None:
     print(
-        f"{label}: n={result['n']} top-1={result['accuracy']:.4f} top-5={result['top5_accuracy']:.4f} macro-F1={result['macro']['f1']:.4f}"
+        f"{label}: n={result['n']} top-1={result['accuracy']:.4f} top-5={result['top5_accuracy']:.4f} macro-F1={result['macro']['f1']:.4f} "
+        f"ECE={result['ece']:.4f} NLL={result['nll']:.4f}"
     )
     print(f"  {'class':<10} {'prec':>6} {'recall':>6} {'f1':>6} {'spec':>6} {'support':>7}")
     for name, row in result["per_class"].items():
@@ -201,10 +305,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output",
         default=None,
-        help="confusion-matrix PNG path (default: <model stem>_confusion.png next to --model; "
+        help="confusion-matrix PNG path; the reliability diagram goes next to it as <stem>_reliability.png "
+        "(default: <model stem>_confusion.png next to --model; "
         "for the shipped model ~/.cache/ferstream/eval/expression_default_confusion.png)",
     )
-    parser.add_argument("--no-plot", action="store_true", help="do not write the confusion-matrix PNG")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the confusion-matrix and reliability PNGs")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     parser.add_argument("--no-cache", action="store_true", help="do not use the decoded-array cache")
     return parser
@@ -228,12 +333,16 @@ def main(argv: list[str] | None = None) -> int:
         "data_format": loaded.data_format,
         "data_split": loaded.split,
     }
-    result.update(evaluate(model, metadata, loaded.dataset.images, loaded.dataset.labels, tta=args.tta))
+    metrics, probabilities, labels = _evaluate_with_probabilities(model, metadata, loaded.dataset.images, loaded.dataset.labels, args.tta)
+    result.update(metrics)
     if not args.no_plot:
         plot_path = Path(args.output).expanduser() if args.output else default_plot_path(model_path)
         title = f"{metadata.model_id} on {Path(args.data).name}{f' {loaded.split}' if loaded.split else ''}: top-1 {result['accuracy']:.1%}"
         plot_confusion_matrix(np.array(result["confusion_matrix"]), metadata.classes, plot_path, title)
         result["confusion_matrix_png"] = str(plot_path)
+        reliability_path = reliability_plot_path(plot_path)
+        plot_reliability_diagram(probabilities, labels, reliability_path, f"{metadata.model_id} on {Path(args.data).name}: reliability")
+        result["reliability_png"] = str(reliability_path)
     if args.json:
         print(json.dumps(result))
     else:
@@ -242,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_human(result["tta"], "tta")
         if "confusion_matrix_png" in result:
             print(f"confusion matrix: {result['confusion_matrix_png']}")
+            print(f"reliability diagram: {result['reliability_png']}")
     return 0
 
 

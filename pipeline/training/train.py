@@ -29,6 +29,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipeline.architectures import ARCHITECTURES, build_model, count_parameters
-from pipeline.checkpoint import ModelMetadata, preprocess_crops, save_checkpoint
+from pipeline.checkpoint import CheckpointError, ModelMetadata, load_checkpoint, preprocess_crops, save_checkpoint
 from pipeline.training.data import (
     FER_CLASSES,
     SPLITS,
@@ -51,7 +53,19 @@ from pipeline.training.data import (
 )
 from pipeline.training.evaluate import confusion_matrix, metrics_from_confusion
 
-__all__ = ["TensorAugment", "data_selection", "get_args_parser", "main", "train"]
+__all__ = [
+    "CrossEntropyObjective",
+    "TensorAugment",
+    "TrainingLoop",
+    "TrainingObjective",
+    "data_selection",
+    "execute",
+    "get_args_parser",
+    "load_data",
+    "main",
+    "run_training",
+    "train",
+]
 
 CHECKPOINT_STATE_FORMAT = "ferstream-train-state/1"
 METRIC_FIELDS = (
@@ -128,6 +142,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         # Calibrated on FER2013 val with the service's MTCNN: its boxes already span the whole 48x48 FER
         # framing (median fitting margin -0.02), and service-crop accuracy drops as the margin grows (see MODEL_CARD.md).
         help="detector-box enlargement per side recorded in the checkpoint for the service's face crop",
+    )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this checkpoint's weights (same --arch and classes) instead of a random init; ignored when resuming",
     )
     parser.add_argument("--resume", default="", help="'auto' (last.pt in the output dir, if any) or a path to a training-state file")
     parser.add_argument("--seed", type=int, default=0)
@@ -388,10 +407,130 @@ RESUME_CHECKED_ARGS = ("arch", "epochs", "seed", "lr", "opt", "lr_scheduler", "b
 RESUME_CHECKED_DATA_ARGS = ("data_format", "ferplus_csv", "label_scheme", "skip_classes", "val_usage")
 
 
+# --------------------------------------------------------------------------- objectives
+
+
+class TrainingObjective:
+    """What a training step minimizes. ``train`` owns everything else (data, schedule, checkpoints, resume).
+
+    ``bind`` is called once the run's model metadata (classes, input normalization) and device are
+    known, before the first step; ``metrics`` is recorded in every best.pt the run writes.
+    """
+
+    def bind(self, metadata: ModelMetadata, device: torch.device, memory_format: torch.memory_format) -> None:
+        """Nothing to prepare for a plain objective."""
+
+    def loss(self, logits: Tensor, inputs: Tensor, targets: Tensor, class_weights: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+
+class CrossEntropyObjective(TrainingObjective):
+    """Cross-entropy against the (label-smoothed, mixed) soft targets: ``ferstream train``."""
+
+    def loss(self, logits: Tensor, inputs: Tensor, targets: Tensor, class_weights: Tensor | None) -> Tensor:
+        return F.cross_entropy(logits, targets, weight=class_weights)
+
+
 # --------------------------------------------------------------------------- training
 
 
-def train(args: argparse.Namespace, train_set: ImageDataset, val_set: ImageDataset, output_dir: Path) -> dict[str, Any]:
+@dataclass
+class TrainingLoop:
+    """The per-run constants of the training loop; :meth:`train_one_epoch` is one epoch of it."""
+
+    args: argparse.Namespace
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    objective: TrainingObjective
+    augment: TensorAugment
+    train_images: Tensor
+    train_labels: Tensor
+    n_train: int
+    batch_size: int
+    steps_per_epoch: int
+    warmup_steps: int
+    num_classes: int
+    class_weights: Tensor | None
+    device: torch.device
+    memory_format: torch.memory_format
+
+    def train_one_epoch(self, epoch: int) -> tuple[float, float]:
+        """Mean training loss and accuracy (on the augmented batches) of epoch ``epoch`` (0-based)."""
+        args, model, optimizer = self.args, self.model, self.optimizer
+        # Everything random in this epoch derives from (seed, epoch): exact resume at epoch boundaries.
+        generator = torch.Generator().manual_seed(_epoch_seed(args.seed, epoch))
+        torch.manual_seed(_epoch_seed(args.seed, epoch))  # dropout
+        rng = np.random.default_rng([args.seed, epoch])
+        order = _epoch_order(self.train_labels, args.class_balance, generator, self.num_classes)[: self.n_train]
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            range(self.steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            disable=args.no_progress,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            leave=False,
+        )
+        for step in bar:
+            global_step = epoch * self.steps_per_epoch + step
+            if args.lr_scheduler == "plateau" and global_step < self.warmup_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = group.setdefault("initial_lr", args.lr) * (global_step + 1) / self.warmup_steps
+            index = order[step * self.batch_size : (step + 1) * self.batch_size]
+            labels = self.train_labels[index]
+            inputs = self.augment(self.train_images[index], generator)
+            targets = F.one_hot(labels, self.num_classes).float()
+            if args.label_smoothing > 0:
+                targets = targets * (1.0 - args.label_smoothing) + args.label_smoothing / self.num_classes
+            inputs, targets = mix_batch(inputs, targets, args.mixup_alpha, args.cutmix_alpha, args.mix_prob, rng, generator)
+            inputs = inputs.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            targets, labels = targets.to(self.device), labels.to(self.device)
+            with torch.autocast(self.device.type, enabled=self.scaler is not None):
+                logits = model(inputs)
+                loss = self.objective.loss(logits, inputs, targets, self.class_weights)
+            optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if args.lr_scheduler == "cosine":
+                self.scheduler.step()
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at epoch {epoch + 1} step {step}; lower --lr")
+            loss_sum += loss_value * labels.shape[0]
+            correct += int((logits.detach().argmax(1) == labels).sum())
+            seen += labels.shape[0]
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        bar.close()
+        return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def _initial_weights(path: str, arch: str, classes: tuple[str, ...]) -> dict[str, Tensor]:
+    model, metadata = load_checkpoint(Path(path).expanduser())
+    if metadata.arch != arch or metadata.classes != classes:
+        raise CheckpointError(
+            f"--init-from {path}: it is a {metadata.arch!r} model over {list(metadata.classes)}, "
+            f"the run trains {arch!r} over {list(classes)}"
+        )
+    return model.state_dict()
+
+
+def train(
+    args: argparse.Namespace,
+    train_set: ImageDataset,
+    val_set: ImageDataset,
+    output_dir: Path,
+    objective: TrainingObjective | None = None,
+) -> dict[str, Any]:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     num_classes = len(train_set.classes)
     arch_kwargs: dict[str, Any] = {} if args.dropout is None else {"dropout": args.dropout}
@@ -414,8 +553,12 @@ def train(args: argparse.Namespace, train_set: ImageDataset, val_set: ImageDatas
         metrics={},
     )
 
+    objective = objective or CrossEntropyObjective()
     torch.manual_seed(args.seed)
     model = build_model(args.arch, num_classes, **arch_kwargs).to(device)
+    init_from = getattr(args, "init_from", None)
+    if init_from:
+        model.load_state_dict(_initial_weights(init_from, args.arch, tuple(train_set.classes)))
     memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     if args.opt == "sgd":
@@ -445,6 +588,26 @@ def train(args: argparse.Namespace, train_set: ImageDataset, val_set: ImageDatas
         hflip=args.hflip,
         color_jitter=args.color_jitter,
         random_erase=args.random_erase,
+    )
+    objective.bind(base_metadata, device, memory_format)
+    loop = TrainingLoop(
+        args=args,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        objective=objective,
+        augment=augment,
+        train_images=train_images,
+        train_labels=train_labels,
+        n_train=n_train,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        warmup_steps=warmup_steps,
+        num_classes=num_classes,
+        class_weights=class_weights,
+        device=device,
+        memory_format=memory_format,
     )
     # The val tensor is built once, through the serving transform.
     val_inputs = preprocess_crops(list(val_set.images), base_metadata)
@@ -489,55 +652,7 @@ def train(args: argparse.Namespace, train_set: ImageDataset, val_set: ImageDatas
             stopped_early = True
             break
         epoch_start = time.perf_counter()
-        # Everything random in this epoch derives from (seed, epoch): exact resume at epoch boundaries.
-        generator = torch.Generator().manual_seed(_epoch_seed(args.seed, epoch))
-        torch.manual_seed(_epoch_seed(args.seed, epoch))  # dropout
-        rng = np.random.default_rng([args.seed, epoch])
-        order = _epoch_order(train_labels, args.class_balance, generator, num_classes)[:n_train]
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            disable=args.no_progress,
-            mininterval=1.0 if sys.stderr.isatty() else 30.0,
-            leave=False,
-        )
-        for step in bar:
-            global_step = epoch * steps_per_epoch + step
-            if args.lr_scheduler == "plateau" and global_step < warmup_steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = group.setdefault("initial_lr", args.lr) * (global_step + 1) / warmup_steps
-            index = order[step * batch_size : (step + 1) * batch_size]
-            labels = train_labels[index]
-            inputs = augment(train_images[index], generator)
-            targets = F.one_hot(labels, num_classes).float()
-            if args.label_smoothing > 0:
-                targets = targets * (1.0 - args.label_smoothing) + args.label_smoothing / num_classes
-            inputs, targets = mix_batch(inputs, targets, args.mixup_alpha, args.cutmix_alpha, args.mix_prob, rng, generator)
-            inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            targets, labels = targets.to(device), labels.to(device)
-            with torch.autocast(device.type, enabled=scaler is not None):
-                logits = model(inputs)
-                loss = F.cross_entropy(logits, targets, weight=class_weights)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if args.lr_scheduler == "cosine":
-                scheduler.step()
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at epoch {epoch + 1} step {step}; lower --lr")
-            loss_sum += loss_value * labels.shape[0]
-            correct += int((logits.detach().argmax(1) == labels).sum())
-            seen += labels.shape[0]
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-        bar.close()
+        train_loss, train_accuracy = loop.train_one_epoch(epoch)
 
         logits = predict_logits(model, val_inputs, device=device, memory_format=memory_format)
         val_loss = float(F.cross_entropy(logits, val_labels))
@@ -552,8 +667,8 @@ def train(args: argparse.Namespace, train_set: ImageDataset, val_set: ImageDatas
         row = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
             "val_loss": val_loss,
             "val_accuracy": val_metrics["accuracy"],
             "val_macro_f1": val_metrics["macro"]["f1"],
@@ -580,6 +695,7 @@ def train(args: argparse.Namespace, train_set: ImageDataset, val_set: ImageDatas
                 "confusion_matrix": val_metrics["confusion_matrix"],
                 "train_n": len(train_set),
                 "params": count_parameters(model),
+                **objective.metrics(),
             }
             metadata = dataclasses.replace(base_metadata, model_id=f"{name}-e{epoch + 1:03d}", metrics=metrics)
             save_checkpoint(output_dir / "best.pt", model, metadata)
@@ -629,7 +745,13 @@ def train(args: argparse.Namespace, train_set: ImageDataset, val_set: ImageDatas
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    return execute(get_args_parser().parse_args(argv), argv)
+
+
+def execute(
+    args: argparse.Namespace, argv: list[str] | None, make_objective: Callable[[argparse.Namespace], TrainingObjective] | None = None
+) -> int:
+    """Check the arguments, apply the torch thread/determinism settings for the run, and train."""
     if args.input_size > args.resize_to:
         print(f"error: --input-size {args.input_size} exceeds --resize-to {args.resize_to}", file=sys.stderr)
         return 2
@@ -642,23 +764,33 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads if args.threads > 0 else (os.cpu_count() or 1))
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _run(args, argv)
+        return run_training(args, argv, make_objective)
     finally:
         torch.set_num_threads(previous[0])
         torch.use_deterministic_algorithms(previous[1], warn_only=previous[2])
 
 
-def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+def load_data(args: argparse.Namespace) -> tuple[ImageDataset, ImageDataset, dict[str, str]]:
+    """The train and val splits the arguments select, and the selection itself (see :func:`data_selection`)."""
+    selection = data_selection(args)
+    train_set, val_set = (
+        load_split_from_args(args, args.data_path, selection[split], args.resize_to).dataset for split in ("train_split", "val_split")
+    )
+    return train_set, val_set, selection
+
+
+def run_training(
+    args: argparse.Namespace, argv: list[str] | None, make_objective: Callable[[argparse.Namespace], TrainingObjective] | None = None
+) -> int:
+    """Load the data, record the arguments, train. ``make_objective`` (default: cross-entropy) is how ``ferstream distill`` differs."""
     name = args.name or args.arch
     output_dir = Path(args.output_dir).expanduser() if args.output_dir else default_runs_dir() / name
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        selection = data_selection(args)
-        train_set, val_set = (
-            load_split_from_args(args, args.data_path, selection[split], args.resize_to).dataset for split in ("train_split", "val_split")
-        )
-    except DatasetError as exc:
+        train_set, val_set, selection = load_data(args)
+        objective = make_objective(args) if make_objective else CrossEntropyObjective()
+    except (DatasetError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if train_set.classes != FER_CLASSES:
@@ -672,7 +804,11 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     (output_dir / "args.json").write_text(
         json.dumps({**vars(args), "data_selection": selection, "argv": sys.argv if argv is None else argv}, indent=2, default=str) + "\n"
     )
-    train(args, train_set, val_set, output_dir)
+    try:
+        train(args, train_set, val_set, output_dir, objective)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

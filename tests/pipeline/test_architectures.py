@@ -5,7 +5,7 @@ from torch import nn
 from pipeline.architectures import ARCHITECTURES, build_model, count_parameters, register
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))  # composites (ensembles) need members: test_ensemble.py
 @pytest.mark.parametrize("side", [44, 48])
 def test_every_architecture_maps_gray_faces_to_logits(name, side):
     model = build_model(name, 7).eval()

@@ -19,7 +19,9 @@ from pipeline.config import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["pipeline.yaml", "pipeline-mtcnn.yaml", "pipeline-gpu.yaml", "pipeline-onnx.yaml", "demo.yaml"])
+@pytest.mark.parametrize(
+    "name", ["pipeline.yaml", "pipeline-mtcnn.yaml", "pipeline-gpu.yaml", "pipeline-onnx.yaml", "pipeline-ensemble.yaml", "demo.yaml"]
+)
 def test_shipped_configs_are_valid(name):
     load_config(REPO / "configs" / name)
 
@@ -53,6 +55,16 @@ def test_the_onnx_config_selects_onnxruntime_without_needing_the_file(tmp_path, 
     # Otherwise the same as the reference config.
     onnx_config = load_config(REPO / "configs" / "pipeline-onnx.yaml").model_dump(exclude={"classifier"})
     assert onnx_config == load_config(REPO / "configs" / "pipeline.yaml").model_dump(exclude={"classifier"})
+
+
+def test_the_ensemble_config_differs_from_the_reference_only_in_the_model_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(REPO / "configs" / "pipeline-ensemble.yaml")
+    assert config.classifier.backend == "torch"
+    assert config.classifier.checkpoint_path == tmp_path / ".cache" / "ferstream" / "runs" / "ensemble-v2" / "ensemble-cal.pt"
+    reference = load_config(REPO / "configs" / "pipeline.yaml")
+    assert config.model_dump(exclude={"classifier"}) == reference.model_dump(exclude={"classifier"})
+    assert config.classifier.model_dump(exclude={"checkpoint"}) == reference.classifier.model_dump(exclude={"checkpoint"})
 
 
 def test_classifier_backend_defaults_to_torch_and_the_shipped_model():
