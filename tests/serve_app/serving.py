@@ -209,7 +209,11 @@ def running_service(
     if pipeline_overrides:
         pipeline = yaml.safe_load((REPO_ROOT / args["pipeline_config"]).read_text())
         for section, fields in pipeline_overrides.items():
-            pipeline.setdefault(section, {}).update(fields)
+            current = pipeline.setdefault(section, {})
+            if "kind" in fields and fields["kind"] != current.get("kind"):
+                pipeline[section] = dict(fields)  # another kind (detector: mtcnn) has other fields: start afresh
+            else:
+                current.update(fields)
         args["pipeline_config"] = str(work / "pipeline.yaml")
         (work / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
     config_path = work / "serve.yaml"
