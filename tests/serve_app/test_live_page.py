@@ -176,9 +176,14 @@ def test_a_camera_appears_with_its_state_its_chart_fills_and_its_tracks_show_emo
     for emotion, confidence in rows:
         assert emotion in classes
         assert re.fullmatch(r"\d{1,3}%", confidence), confidence
-    shares = [item.get_attribute("data-emotion") for item in card(browser, "lobby").find_elements(By.CSS_SELECTOR, ".mix li.share")]
-    assert shares and set(shares) <= set(classes)
-    stats = card(browser, "lobby").find_element(By.CSS_SELECTOR, ".stats").text
+
+    # The page redraws every second: read each element inside a retry, or it may go stale between find and read.
+    def mix_shares() -> list[str]:
+        return [item.get_attribute("data-emotion") for item in card(browser, "lobby").find_elements(By.CSS_SELECTOR, ".mix li.share")]
+
+    shares = wait_in_browser(service, browser, mix_shares, 30, "the emotion mix")
+    assert set(shares) <= set(classes)
+    stats = wait_in_browser(service, browser, lambda: card(browser, "lobby").find_element(By.CSS_SELECTOR, ".stats").text, 30, "stats")
     assert re.search(r"fps \d+\.\d / 5", stats) and "dropped" in stats and "reconnects" in stats, stats
 
 
