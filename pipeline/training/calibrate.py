@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, preprocess_crops, save_checkpoint
-from pipeline.training.data import DatasetError, add_dataset_arguments, load_split_from_args
+from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, load_split_from_args
 from pipeline.training.evaluate import evaluate
 from pipeline.training.logit_adjust import final_linear
 
@@ -86,15 +86,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_dataset_arguments(parser)
     parser.add_argument("--split", default=None, help="as for `ferstream eval`")
     parser.add_argument("--output", default=None, help="calibrated checkpoint (default: <model stem>-cal.pt next to the model)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
-    parser.add_argument("--no-cache", action="store_true", help="do not use the decoded-array cache")
+    add_compute_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     model_path = Path(args.model).expanduser()
     try:
         model, metadata = load_checkpoint(model_path)

@@ -33,13 +33,12 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
 from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, load_checkpoint
 from pipeline.classification import crop_faces
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.detection import FaceDetection, FaceDetector, build_detector, detect_frames
-from pipeline.training.data import DatasetError, add_dataset_arguments, load_split_from_args
+from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, load_split_from_args
 from pipeline.training.evaluate import predict_probabilities
 
 __all__ = [
@@ -235,8 +234,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_int_at_least(1), default=64, help="images per detector batch and classifier batch (default 64)"
     )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
-    parser.add_argument("--no-cache", action="store_true", help="do not use the decoded-array cache")
+    add_compute_arguments(parser)
     return parser
 
 
@@ -260,8 +258,7 @@ def _print_human(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     model_path = Path(args.model).expanduser() if args.model else default_checkpoint_path()
     try:
         detector_config = load_config(args.config).detector if args.config else PipelineConfig().detector

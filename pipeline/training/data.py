@@ -559,6 +559,20 @@ def _class_list(value: str) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--no-cache``, shared by the model commands that read a labelled split."""
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    parser.add_argument("--no-cache", action="store_true", help="do not use the decoded-array cache")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """``--threads``: torch's intra-op threads; 0 leaves torch's default (all cores)."""
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     """The dataset-selection options of ``ferstream train`` and ``ferstream eval`` (see :func:`load_split`)."""
     parser.add_argument(

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.architectures import ProbabilityEnsemble, count_parameters
 from pipeline.checkpoint import CheckpointError, ModelMetadata, load_checkpoint, save_checkpoint
-from pipeline.training.data import DatasetError, add_dataset_arguments, load_split_from_args
+from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, load_split_from_args
 from pipeline.training.evaluate import confusion_matrix, metrics_from_confusion, predict_probabilities
 
 __all__ = ["SCORES", "build_ensemble", "greedy_selection", "main", "mixed_probabilities", "negative_log_likelihood"]
@@ -161,8 +160,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tta", action="store_true", help="select on hflip + 5-crop TTA probabilities (the service scores single centre crops)"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
-    parser.add_argument("--no-cache", action="store_true", help="do not use the decoded-array cache")
+    add_compute_arguments(parser)
     return parser
 
 
@@ -174,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         print(f"error: --rounds must be >= 1, got {args.rounds}", file=sys.stderr)
         return 2
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     started = time.perf_counter()
     paths = [Path(p).expanduser() for p in args.models]
     try:

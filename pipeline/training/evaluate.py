@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, load_checkpoint, preprocess_crops
-from pipeline.training.data import DatasetError, add_dataset_arguments, load_split_from_args
+from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, load_split_from_args
 
 __all__ = [
     "ECE_BINS",
@@ -310,15 +310,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "for the shipped model ~/.cache/ferstream/eval/expression_default_confusion.png)",
     )
     parser.add_argument("--no-plot", action="store_true", help="do not write the confusion-matrix and reliability PNGs")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
-    parser.add_argument("--no-cache", action="store_true", help="do not use the decoded-array cache")
+    add_compute_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     model_path = Path(args.model).expanduser() if args.model else default_checkpoint_path()
     try:
         model, metadata = load_checkpoint(model_path)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.training.data import DatasetError, add_dataset_arguments, load_split_from_args
+from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, load_split_from_args
 from pipeline.training.evaluate import confusion_matrix, metrics_from_confusion, predict_probabilities
 
 __all__ = ["adjusted_metrics", "choose_tau", "final_linear", "fold_adjustment", "log_priors", "main", "sweep"]
@@ -112,15 +112,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--taus", type=_parse_taus, default=list(DEFAULT_TAUS), help="candidate taus, comma-separated")
     parser.add_argument("--min-recall", type=float, default=0.35, help="every class's val recall must exceed this")
     parser.add_argument("--output", required=True, help="where to write the adjusted checkpoint")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
-    parser.add_argument("--no-cache", action="store_true", help="do not use the decoded-array cache")
+    add_compute_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     try:
         model, metadata = load_checkpoint(Path(args.model).expanduser())
         train = load_split_from_args(args, args.train_data, args.train_split, metadata.resize_to, metadata.classes, default_split=0).dataset
