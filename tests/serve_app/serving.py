@@ -26,7 +26,7 @@ import yaml
 
 from pipeline.events import ExpressionEvent, stream_key
 from tests import support
-from tests.conftest import REPO_ROOT, free_port, require
+from tests.conftest import REPO_ROOT, RedisServer, free_port, require
 
 # What serve.status() says about the app: its status and each deployment's status and message.
 APP_STATUS = (
@@ -247,3 +247,15 @@ def running_service(
                 serve_process.kill()
         stop_ray(ray_dir, ray_port)
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@contextmanager
+def service_with_its_own_redis(work: Path, serve_config: str = "serve-cpu.yaml", **options: Any) -> Iterator[Service]:
+    """:func:`running_service` with a redis-server of its own, started first and stopped last."""
+    redis_server = RedisServer(work)
+    redis_server.start()
+    try:
+        with running_service(work, serve_config, redis_server.url, **options) as service:
+            yield service
+    finally:
+        redis_server.stop()

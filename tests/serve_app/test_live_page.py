@@ -16,8 +16,8 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import REPO_ROOT, RedisServer, free_port, require, wait_until
-from tests.serve_app.serving import Service, running_service
+from tests.conftest import REPO_ROOT, free_port, require, wait_until
+from tests.serve_app.serving import Service, service_with_its_own_redis
 from tests.servers import RtspServer
 
 pytestmark = pytest.mark.integration
@@ -56,14 +56,9 @@ def camera_server(work: Path, shared_clips: dict[str, Path]) -> Iterator[RtspSer
 
 @pytest.fixture(scope="module")
 def service(work: Path, camera_server: RtspServer, browser_binaries: tuple[str, str]) -> Iterator[Service]:
-    redis_server = RedisServer(work)
-    redis_server.start()
     # The API's token (FERSTREAM_API_TOKENS of the cluster); the page sends the one typed into it.
-    try:
-        with running_service(work, "serve-cpu.yaml", redis_server.url, api_token=TOKEN) as running:
-            yield running
-    finally:
-        redis_server.stop()
+    with service_with_its_own_redis(work, api_token=TOKEN) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

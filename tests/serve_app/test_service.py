@@ -14,9 +14,9 @@ import pytest
 import requests
 
 from pipeline.events import validate_event_dict
-from tests.conftest import RedisServer, free_port
+from tests.conftest import free_port
 from tests.media import encode_test_clip
-from tests.serve_app.serving import Service, running_service
+from tests.serve_app.serving import Service, service_with_its_own_redis
 from tests.servers import PrometheusServer, RtspServer, sample_value
 
 pytestmark = pytest.mark.integration
@@ -43,15 +43,10 @@ MTCNN = {"detector": {"kind": "mtcnn"}}
 
 @pytest.fixture(scope="module")
 def service(work: Path, camera_server: RtspServer) -> Iterator[Service]:
-    redis_server = RedisServer(work)
-    redis_server.start()
     # MTCNN, not the default BlazeFace: the failure-isolation test below needs a detector that raises on
     # a 1920x40 frame, as MTCNN does (the default detector runs under Serve in test_live_page.py).
-    try:
-        with running_service(work, "serve-cpu.yaml", redis_server.url, pipeline_overrides=MTCNN) as running:
-            yield running
-    finally:
-        redis_server.stop()
+    with service_with_its_own_redis(work, pipeline_overrides=MTCNN) as running:
+        yield running
 
 
 def test_the_api_needs_the_token_but_healthz_does_not(service):
