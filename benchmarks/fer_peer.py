@@ -9,7 +9,7 @@ clips in ``../shared/media`` or ``$FERSTREAM_SHARED/media``)::
 
     FERSTREAM_SHARED=../shared python benchmarks/fer_peer.py --resolution native 1080p --json benchmarks/results/fer_peer.json
     FERSTREAM_SHARED=../shared python benchmarks/fer_peer.py --resolution native 1080p \\
-        --config configs/pipeline-blazeface.yaml --json benchmarks/results/fer_peer_blazeface.json
+        --config configs/pipeline-mtcnn.yaml --json benchmarks/results/fer_peer_mtcnn.json
 
 A short run that only proves the script works end to end (numbers not to be quoted)::
 

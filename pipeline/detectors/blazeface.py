@@ -314,13 +314,11 @@ class View:
 class BlazeFaceDetector:
     def __init__(self, config: BlazeFaceConfig) -> None:
         self.config = config
-        self.spec = MODELS[config.model]
-        path = Path(config.model_path) if config.model_path else default_model_dir() / self.spec.file
+        path = Path(config.model_path) if config.model_path else default_model_dir() / MODELS[config.model].file
         self.models = {config.model: self._load(config.model, path)}
         if config.tiles != (1, 1) and self.tile_model not in self.models:
             # The tile model is read from the same folder as the frame model.
             self.models[self.tile_model] = self._load(self.tile_model, path.parent / MODELS[self.tile_model].file)
-        self.anchors = self.models[config.model].anchors
 
     @property
     def tile_model(self) -> str:
