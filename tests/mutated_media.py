@@ -26,7 +26,9 @@ def _image(index: int, width: int, height: int) -> np.ndarray:
     return image
 
 
-def encode_clip(path: Path, size: tuple[int, int], pix_fmt: str = "yuv420p", codec: str = "libx264", frames: int = 5, fps: int = 25) -> Path:
+def encode_clip(
+    path: Path, size: tuple[int, int], pix_fmt: str = "yuv420p", codec: str = "libx264", frames: int = 5, fps: int = 25
+) -> Path:
     """``frames`` frames of ``size`` (width, height) in ``pix_fmt``. libx264 needs even sizes; FFV1
     (lossless) takes any size, 1x1 included, and grayscale that stays grayscale when decoded."""
     width, height = size
