@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 SEED = 20261203
 BULK_VARIANTS = 1000  # every 5th a truncation, the others bit flips
 DETECT_EVERY = 20
-PIPELINE_FLIPS = 24
+PIPELINE_FLIPS = 12
 GOOD_CLIP = "face-demographics-walking-and-pause"
 log = logging.getLogger("test.mutated_inputs")
 # The decode thread's own crash handler writes this; a mutated file must never get there.
