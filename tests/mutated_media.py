@@ -76,3 +76,13 @@ def bit_flips(data: bytes, rng: np.random.Generator, max_flips: int = 32) -> byt
 def truncation(data: bytes, rng: np.random.Generator) -> bytes:
     """``data`` cut at a random length (0 included: a zero-length file)."""
     return data[: int(rng.integers(0, len(data)))]
+
+
+def empty_sample_table(mp4: bytes) -> bytes:
+    """An MP4 whose sample-size table (``stsz``) says it holds no samples: the video stream is there, with no frame.
+    FFmpeg reads such a file as empty, so it opens and ends at once without an error."""
+    data = bytearray(mp4)
+    box = data.index(b"stsz")
+    # After the box type: version and flags (4 bytes), the common sample size (4), then the sample count (4).
+    data[box + 12 : box + 16] = bytes(4)
+    return bytes(data)
