@@ -28,7 +28,7 @@ from tests.serve_app.test_api import AUTH, TOKEN, ApiServer
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = 40  # at most, per operation, mode and token state
+EXAMPLES = 100  # at most, per operation, mode and token state
 MAX_CAMERAS = 8
 PRESENT = ("lobby", "dock")
 log = logging.getLogger("test.api_fuzz")
@@ -102,6 +102,7 @@ def test_fuzzed_requests_with_the_token_get_2xx_or_4xx_only(api: tuple[ApiServer
     assert seen[("POST /streams", 422)] >= 1 and seen[("DELETE /streams/{camera_id}", 404)] >= 1, seen
     assert_healthy(server)
     assert {stream["id"] for stream in server.get("/streams").json()} >= set(PRESENT)
+    assert [server.delete(f"/streams/{camera_id}").status_code for camera_id in PRESENT] == [204] * len(PRESENT)
 
 
 def test_fuzzed_requests_without_the_token_get_401_but_the_probe(api: tuple[ApiServer, schemathesis.BaseSchema]) -> None:
