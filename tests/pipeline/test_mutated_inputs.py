@@ -200,6 +200,8 @@ def test_mutated_cameras_next_to_a_good_one_cost_their_own_frames_only(models: M
     for camera_id, status in statuses.items():
         assert status.state in (StreamState.ENDED, StreamState.FAILED), (camera_id, status)
         assert INTERNAL_ERROR not in (status.last_error or ""), (camera_id, status.last_error)
+        if status.state is StreamState.FAILED or status.last_error is not None:
+            assert sample(metrics, "ferstream_decode_errors_total", camera=camera_id) >= 1, camera_id  # counted, on this camera
     report = {}
     for camera_id in bad:
         errors = sample(metrics, "ferstream_decode_errors_total", camera=camera_id)
