@@ -121,18 +121,19 @@ class BaseDetectorConfig(StrictModel):
     )
 
 
-class DetectorConfig(BaseDetectorConfig):
-    """MTCNN (facenet-pytorch) or OpenCV's YuNet with a user-supplied ONNX model."""
+class MTCNNConfig(BaseDetectorConfig):
+    """facenet-pytorch's MTCNN (pipeline/detectors/mtcnn.py)."""
 
-    kind: Literal["mtcnn", "yunet"] = "mtcnn"
-    score_threshold: float = Field(0.9, ge=0.0, le=1.0)
-    onnx_path: Path | None = Field(None, description="YuNet ONNX model; required when kind is yunet")
+    kind: Literal["mtcnn"] = "mtcnn"
+    score_threshold: float = Field(0.9, ge=0.0, le=1.0, description="minimum score of MTCNN's last stage")
 
-    @model_validator(mode="after")
-    def _yunet_needs_model(self) -> DetectorConfig:
-        if self.kind == "yunet" and self.onnx_path is None:
-            raise ValueError("onnx_path is required when kind is 'yunet'")
-        return self
+
+class YuNetConfig(BaseDetectorConfig):
+    """OpenCV's YuNet with a user-supplied ONNX model (pipeline/detectors/yunet.py)."""
+
+    kind: Literal["yunet"] = "yunet"
+    score_threshold: float = Field(0.9, ge=0.0, le=1.0, description="minimum face score")
+    onnx_path: Path = Field(description="the YuNet ONNX model, e.g. face_detection_yunet_2023mar.onnx")
 
 
 class BlazeFaceConfig(BaseDetectorConfig):
@@ -176,7 +177,7 @@ class BlazeFaceConfig(BaseDetectorConfig):
 
 
 # A detector's config, chosen by its ``kind``; an unknown kind fails naming ``detector``.
-AnyDetectorConfig = Annotated[DetectorConfig | BlazeFaceConfig, Field(discriminator="kind")]
+AnyDetectorConfig = Annotated[MTCNNConfig | YuNetConfig | BlazeFaceConfig, Field(discriminator="kind")]
 
 
 class ClassifierConfig(StrictModel):

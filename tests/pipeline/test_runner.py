@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 
 from pipeline.analysis import CameraAnalyzer
 from pipeline.classification import ExpressionClassifier
-from pipeline.config import DetectorConfig, PipelineConfig, SourceConfig, parse_config
+from pipeline.config import MTCNNConfig, PipelineConfig, SourceConfig, parse_config
 from pipeline.detection import FaceDetection, build_detector
 from pipeline.events import EventPublisher, ExpressionEvent, stream_key, validate_event_dict
 from pipeline.metrics import PipelineMetrics
@@ -92,7 +92,7 @@ def test_a_camera_the_detector_fails_on_does_not_stop_a_good_one(models, redis_s
     # The case: MTCNN has no image pyramid for a 1920x40 frame (640x13 after downscaling) and
     # raised out of the whole batch, so `ferstream run` stopped the good camera too. (The default
     # BlazeFace takes such frames, so the detector here is MTCNN, as in the report.)
-    mtcnn = DetectorConfig(kind="mtcnn")
+    mtcnn = MTCNNConfig()
     models = ModelStages(build_detector(mtcnn), models.classifier, mtcnn.detection_size)
     thin = encode_test_clip(tmp_path / "thin.mp4", frames=40, size=(1920, 40))
     cameras = [
