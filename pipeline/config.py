@@ -149,7 +149,15 @@ class BlazeFaceConfig(BaseDetectorConfig):
     runtime: Literal["litert", "torch"] = Field(
         "litert", description="litert: the TFLite runtime on CPU (one image per call); torch: batched PyTorch on CPU or CUDA"
     )
-    threads: int = Field(1, ge=1, le=64, description="runtime threads; 1 leaves the other core to decoding")
+    threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "TFLite interpreter threads (runtime litert); the torch runtime uses the process's torch threads, shared with the "
+            "classifier (torch's default: one per core; under Ray, a replica's num_cpus)"
+        ),
+    )
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="minimum face score (MediaPipe's default)")
     nms_iou: float = Field(0.3, gt=0.0, le=1.0, description="boxes overlapping more than this are merged")
     # BlazeFace boxes run brow to chin, tighter than MTCNN's, and MTCNN's min_face_size is a pyramid floor rather
@@ -173,6 +181,9 @@ class BlazeFaceConfig(BaseDetectorConfig):
     def _cuda_needs_the_torch_runtime(self) -> BlazeFaceConfig:
         if self.device == "cuda" and self.runtime != "torch":
             raise ValueError("device 'cuda' needs runtime 'torch' (the TFLite runtime runs on CPU only)")
+        if self.runtime == "torch" and "threads" in self.model_fields_set:
+            # torch's thread count is process-wide; a detector setting that changed it would change the classifier's.
+            raise ValueError("threads applies to runtime 'litert'; the torch runtime uses the process's torch threads")
         return self
 
 

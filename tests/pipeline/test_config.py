@@ -42,6 +42,12 @@ def test_blazeface_is_the_default_detector_and_cuda_needs_its_torch_runtime():
     assert load_config(REPO / "configs" / "pipeline-gpu.yaml").detector.runtime == "torch"
 
 
+def test_threads_on_the_torch_runtime_fail_because_they_would_change_the_classifiers():
+    with pytest.raises(ConfigError, match=r"detector\.blazeface.*threads applies to runtime 'litert'"):
+        parse_config(PipelineConfig, {"detector": {"runtime": "torch", "threads": 2}}, "test")
+    assert parse_config(PipelineConfig, {"detector": {"runtime": "torch"}}, "test").detector.runtime == "torch"
+
+
 def test_the_demo_config_has_a_camera():
     assert load_config(REPO / "configs" / "demo.yaml").cameras
 
