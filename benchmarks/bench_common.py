@@ -189,7 +189,8 @@ def git_description() -> dict[str, Any]:
 
 def model_description(checkpoint: Path | None = None) -> dict[str, Any]:
     """The model a config's ``classifier.checkpoint`` names: a ``.pt`` checkpoint or (``.onnx``) its ONNX export."""
-    from pipeline.checkpoint import default_checkpoint_path, load_checkpoint, load_onnx
+    from pipeline.checkpoint import default_checkpoint_path, load_checkpoint
+    from pipeline.runtimes.onnx_runtime import load_onnx
 
     path = Path(checkpoint).expanduser() if checkpoint is not None else default_checkpoint_path()
     onnx = path.suffix == ".onnx"

@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.checkpoint import ONNX_INPUT, ONNX_OUTPUT, default_checkpoint_path, load_checkpoint, load_onnx, preprocess_crops  # noqa: E402
+from pipeline.checkpoint import ONNX_INPUT, ONNX_OUTPUT, default_checkpoint_path, load_checkpoint, preprocess_crops  # noqa: E402
+from pipeline.runtimes.onnx_runtime import load_onnx  # noqa: E402
 
 
 def machine_description() -> dict[str, Any]:

@@ -3,17 +3,16 @@
 The service's classifier and the trainer's evaluation both go through :func:`preprocess_crops`,
 so a face crop is turned into a tensor in exactly one way everywhere. An ONNX export of a
 checkpoint (``ferstream export --format onnx``) carries the same metadata in its
-``metadata_props``; :func:`load_onnx` opens one as an ONNX Runtime CPU session.
+``metadata_props``; ``pipeline.runtimes.onnx_runtime.load_onnx`` opens one with ONNX Runtime.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.architectures import build_model, known_architectures
-
-if TYPE_CHECKING:
-    import onnxruntime
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -34,14 +30,13 @@ __all__ = [
     "ModelMetadata",
     "default_checkpoint_path",
     "load_checkpoint",
-    "load_onnx",
     "preprocess_crops",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "ferstream-expression/1"
 
-# The ONNX export's contract (pipeline/training/export.py writes it, load_onnx reads it): input
+# The ONNX export's contract (pipeline/training/export.py writes it, pipeline/runtimes/onnx_runtime.py reads it): input
 # ``faces`` N x C x S x S (already preprocessed), output ``logits`` N x classes, and the
 # ModelMetadata as JSON under this metadata_props key.
 ONNX_INPUT = "faces"
@@ -145,45 +140,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: weights do not fit architecture {metadata.arch!r}: {exc}") from exc
     model.to(map_location).eval()
     return model, metadata
-
-
-def load_onnx(path: str | Path, threads: int | None = None) -> tuple[onnxruntime.InferenceSession, ModelMetadata]:
-    """An ONNX Runtime CPU session for a ``ferstream export --format onnx`` file, and its metadata.
-
-    ``threads``: ONNX Runtime's intra-op threads (None: its default, one per physical core).
-    Deterministic compute is requested and inter-op parallelism is off, so the same input gives
-    the same output run after run.
-    """
-    import onnxruntime
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no ONNX model at {path}")
-    options = onnxruntime.SessionOptions()
-    options.use_deterministic_compute = True
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.inter_op_num_threads = 1
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    try:
-        session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for unreadable models
-        raise CheckpointError(f"{path} is not a readable ONNX model: {exc}") from exc
-    raw = session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
-    if not raw:
-        raise CheckpointError(f"{path} carries no {ONNX_METADATA_KEY!r} metadata; export it with `ferstream export --format onnx`")
-    try:
-        metadata = ModelMetadata.from_dict(json.loads(raw))
-    except (ValueError, TypeError) as exc:  # CheckpointError is a ValueError, and so is JSONDecodeError
-        raise CheckpointError(f"{path}: unusable {ONNX_METADATA_KEY!r} metadata: {exc}") from exc
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if [i.name for i in inputs] != [ONNX_INPUT] or ONNX_OUTPUT not in [o.name for o in outputs]:
-        raise CheckpointError(f"{path}: expected input {ONNX_INPUT!r} and output {ONNX_OUTPUT!r}, not a ferstream export")
-    expected = [metadata.channels, metadata.input_size, metadata.input_size]
-    if list(inputs[0].shape[1:]) != expected:
-        shape = " x ".join(map(str, expected))
-        raise CheckpointError(f"{path}: input {ONNX_INPUT!r} has shape {inputs[0].shape}, its metadata says N x {shape}")
-    return session, metadata
 
 
 def _to_channels(crop: np.ndarray, grayscale: bool) -> np.ndarray:

@@ -4,36 +4,27 @@ The face crop is a single affine warp per face (rotate the eyes level, enlarge t
 model's ``face_margin``, resize to the model's ``resize_to``, replicate borders where the box
 leaves the frame). The crops are tiny, which is what travels to a classifier replica.
 
-Two backends (``classifier.backend``): ``torch`` runs a ``.pt`` checkpoint, ``onnxruntime`` runs
-its ``ferstream export --format onnx`` file on CPU. Cropping and :func:`preprocess_crops` are the
-same for both; only the network's forward call differs.
+:func:`crop_faces` is the one crop, for the single-process runner and the Serve ingest alike.
+Cropping, :func:`preprocess_crops`, batching and the softmax are the same for every backend; only
+the network's forward call differs, and that is a ``pipeline.runtimes`` ``ClassifierRuntime``
+(``classifier.backend``: ``torch`` runs a ``.pt`` checkpoint, ``onnxruntime`` its
+``ferstream export --format onnx`` file on CPU).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 
-from pipeline.checkpoint import (
-    ONNX_INPUT,
-    ONNX_OUTPUT,
-    CheckpointError,
-    ModelMetadata,
-    default_checkpoint_path,
-    load_checkpoint,
-    load_onnx,
-    preprocess_crops,
-)
+from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, preprocess_crops
 from pipeline.config import ClassifierConfig
 from pipeline.detection import FaceDetection
-
-if TYPE_CHECKING:
-    import onnxruntime
+from pipeline.runtimes.base import ClassifierRuntime, RuntimeSettings
+from pipeline.runtimes.builders import build_runtime
 
 
 def face_crop_transform(detection: FaceDetection, margin: float, size: int) -> np.ndarray:
@@ -71,32 +62,30 @@ def crop_faces(image: np.ndarray, detections: Sequence[FaceDetection], metadata:
 
 
 class ExpressionClassifier:
-    """Loads a ferstream model (``.pt`` checkpoint, or its ONNX export) and predicts class probabilities for face crops in batches."""
+    """Predicts class probabilities for face crops in batches of ``classifier.batch_size``.
 
-    def __init__(self, config: ClassifierConfig) -> None:
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("classifier.device is 'cuda' but CUDA is not available")
-        path = config.checkpoint_path or default_checkpoint_path()
+    Preprocessing (:func:`preprocess_crops`), batching and the softmax are here, the same for every
+    backend; the forward call is the ``ClassifierRuntime`` that ``classifier.backend`` names
+    (``pipeline.runtimes``), or ``runtime`` when one is given already loaded.
+    """
+
+    def __init__(self, config: ClassifierConfig, runtime: ClassifierRuntime | None = None) -> None:
         self.config = config
-        self.device = torch.device(config.device)
-        self.model: torch.nn.Module | None = None
-        self.session: onnxruntime.InferenceSession | None = None
-        try:
-            if config.backend == "onnxruntime":
-                # The config allows this backend only on CPU, so the preprocessed float32 batch goes in as it is.
-                # As many threads as torch uses: Ray sets OMP_NUM_THREADS to a replica's num_cpus, which
-                # torch follows and ONNX Runtime does not.
-                self.session, self.metadata = load_onnx(path, threads=torch.get_num_threads())
-                self.dtype = torch.float32
-            else:
-                model, self.metadata = load_checkpoint(path, map_location=self.device)
-                # float16 only where it is fast and supported: CUDA. On CPU it is slower than float32.
-                self.dtype = torch.float16 if config.half and self.device.type == "cuda" else torch.float32
-                # channels_last lets oneDNN/cuDNN pick their fast convolution kernels (about 1.5x on this
-                # project's 2-core CPU, benchmarks/classifier_throughput.py).
-                self.model = model.to(self.device, dtype=self.dtype, memory_format=torch.channels_last).eval()
-        except (FileNotFoundError, CheckpointError) as exc:
-            raise type(exc)(f"classifier.checkpoint ({config.backend} backend): {exc}") from exc
+        if runtime is None:
+            # As many threads as torch uses: Ray sets OMP_NUM_THREADS to a replica's num_cpus, which
+            # torch follows and ONNX Runtime does not.
+            settings = RuntimeSettings(
+                path=config.checkpoint_path or default_checkpoint_path(),
+                device=config.device,
+                half=config.half,
+                threads=torch.get_num_threads(),
+            )
+            try:
+                runtime = build_runtime(config.backend, settings)
+            except (FileNotFoundError, CheckpointError) as exc:
+                raise type(exc)(f"classifier.checkpoint ({config.backend} backend): {exc}") from exc
+        self.runtime = runtime
+        self.metadata: ModelMetadata = runtime.metadata
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -106,24 +95,14 @@ class ExpressionClassifier:
     def model_id(self) -> str:
         return self.metadata.model_id
 
-    def crop(self, image: np.ndarray, detections: Sequence[FaceDetection]) -> list[np.ndarray]:
-        return crop_faces(image, detections, self.metadata)
-
     @torch.inference_mode()
     def predict(self, crops: Sequence[np.ndarray]) -> np.ndarray:
-        """Probabilities, shape (len(crops), len(classes)), float32."""
+        """Probabilities, shape (len(crops), len(classes)), float32, for crops from :func:`crop_faces` (or any uint8 face images)."""
         if not crops:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         outputs = []
         for start in range(0, len(crops), self.config.batch_size):
-            batch = preprocess_crops(crops[start : start + self.config.batch_size], self.metadata)
-            outputs.append(torch.softmax(self._logits(batch).float(), dim=1).cpu().numpy())
+            # .numpy() and from_numpy share memory: the runtime boundary copies nothing.
+            batch = preprocess_crops(crops[start : start + self.config.batch_size], self.metadata).numpy()
+            outputs.append(torch.softmax(torch.from_numpy(self.runtime.logits(batch)), dim=1).numpy())
         return np.concatenate(outputs)
-
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """The network's forward call on one preprocessed N x C x S x S float32 CPU batch: the only backend-specific step."""
-        if self.session is not None:
-            (logits,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: batch.numpy()})
-            return torch.from_numpy(logits)
-        inputs = batch.to(self.device, dtype=self.dtype, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return self.model(inputs)

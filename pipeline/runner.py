@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.analysis import CameraAnalyzer
-from pipeline.classification import ExpressionClassifier
+from pipeline.classification import ExpressionClassifier, crop_faces
 from pipeline.config import PipelineConfig, SourceConfig
 from pipeline.detection import FaceDetection, FaceDetector, detect_frames
 from pipeline.events import EventPublisher, ExpressionEvent
@@ -157,7 +157,7 @@ class StreamPipeline:
         crops_of: list[tuple[VideoFrame, list[FaceDetection], list[np.ndarray]]] = []
         for frame, found in found_in:
             try:
-                crops_of.append((frame, found, self.models.classifier.crop(frame.image, found)))
+                crops_of.append((frame, found, crop_faces(frame.image, found, self.models.classifier.metadata)))
             except Exception as error:
                 self.failures.record(frame.camera_id, "classify", frame.frame_index, error)
         started = time.perf_counter()

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from pipeline.classification import ExpressionClassifier
+from pipeline.classification import ExpressionClassifier, crop_faces
 from pipeline.detection import FaceDetection, FaceDetector, detect_frames
 
 log = logging.getLogger("ferstream.warmup")
@@ -42,7 +42,7 @@ def warm_up_classifier(classifier: ExpressionClassifier) -> float:
     height, width = WARMUP_FRAME_SHAPE[:2]
     face = FaceDetection(box=(width * 0.4, height * 0.3, width * 0.6, height * 0.7), score=1.0)
     started = time.perf_counter()
-    classifier.predict(classifier.crop(_noise_frame(), [face]))
+    classifier.predict(crop_faces(_noise_frame(), [face], classifier.metadata))
     elapsed = time.perf_counter() - started
     log.info("expression classifier warmed up in %.2f s", elapsed)
     return elapsed

@@ -4,7 +4,7 @@
   file ``ferstream_metadata.json`` (see :func:`load_torchscript`).
 * ``onnx``: opset-17 graph with a dynamic batch axis, input ``faces`` (N x C x S x S, already
   preprocessed) and output ``logits``. The metadata is stored in the model's ``metadata_props``
-  under ``ferstream_metadata``; :func:`pipeline.checkpoint.load_onnx` opens it with ONNX Runtime
+  under ``ferstream_metadata``; :func:`pipeline.runtimes.onnx_runtime.load_onnx` opens it with ONNX Runtime
   (as the classifier's ``backend: onnxruntime`` does).
 
 Both get a ``<output>.json`` sidecar with the metadata, because preprocessing (resize to
@@ -36,9 +36,9 @@ from pipeline.checkpoint import (
     ModelMetadata,
     default_checkpoint_path,
     load_checkpoint,
-    load_onnx,
     preprocess_crops,
 )
+from pipeline.runtimes.onnx_runtime import load_onnx
 
 __all__ = ["ExportError", "export_onnx", "export_torchscript", "load_torchscript", "main", "parity_inputs"]
 

@@ -10,6 +10,7 @@ from pipeline.checkpoint import ONNX_METADATA_KEY, CheckpointError, ModelMetadat
 from pipeline.classification import ExpressionClassifier, crop_faces, face_crop_transform
 from pipeline.config import ClassifierConfig
 from pipeline.detection import FaceDetection
+from pipeline.runtimes.onnx_runtime import OnnxClassifierRuntime
 from pipeline.training.export import export
 from tests.pipeline.conftest import CLASSES, make_metadata
 
@@ -72,7 +73,7 @@ def test_classifier_predicts_probability_rows_in_batches(checkpoint):
     assert classifier.classes == CLASSES and classifier.model_id == "test-model"
     image = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
     detections = [FaceDetection(box=(10 + 30 * i, 10, 70 + 30 * i, 80), score=0.99) for i in range(7)]
-    crops = classifier.crop(image, detections)
+    crops = crop_faces(image, detections, classifier.metadata)
     assert all(crop.shape == (48, 48) for crop in crops)
     probabilities = classifier.predict(crops)
     assert probabilities.shape == (7, len(CLASSES)) and probabilities.dtype == np.float32
@@ -102,7 +103,7 @@ def face_crops(classifier: ExpressionClassifier, n: int, seed: int) -> list[np.n
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
     detections = [FaceDetection(box=(10 + 20 * i, 10 + 5 * i, 70 + 20 * i, 80 + 5 * i), score=0.99) for i in range(n)]
-    crops = classifier.crop(image, detections)
+    crops = crop_faces(image, detections, classifier.metadata)
     for i in range(n):
         side = int(rng.integers(20, 160))
         crops.append(rng.integers(0, 256, (side, side) if i % 2 else (side, side, 3), dtype=np.uint8))
@@ -114,7 +115,7 @@ def assert_backends_agree(checkpoint_path, tmp_path, batch_size: int) -> None:
     export(checkpoint_path, "onnx", onnx_path)
     reference = ExpressionClassifier(ClassifierConfig(checkpoint=checkpoint_path, batch_size=batch_size))
     classifier = ExpressionClassifier(ClassifierConfig(backend="onnxruntime", checkpoint=onnx_path, batch_size=batch_size))
-    assert classifier.model is None and classifier.session is not None, "the onnxruntime backend does not run PyTorch"
+    assert isinstance(classifier.runtime, OnnxClassifierRuntime), "the onnxruntime backend does not run PyTorch"
     assert classifier.metadata == reference.metadata
     crops = face_crops(reference, 9, seed=1)
     # One crop path for both backends (it depends only on the metadata, which the export carries).

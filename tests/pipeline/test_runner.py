@@ -18,6 +18,7 @@ from pipeline.metrics import PipelineMetrics
 from pipeline.runner import ModelStages, StreamPipeline
 from pipeline.sources import VideoFrame
 from tests.media import encode_test_clip
+from tests.pipeline.conftest import make_metadata
 from tests.pipeline.events.helpers import MemorySink
 
 PEOPLE = {"head-pose-face-detection-female-and-male": 2, "face-demographics-walking-and-pause": 3}
@@ -135,13 +136,11 @@ class ThinFrameDetector:
 
 
 class FakeClassifier:
-    """Crops are the frames' top-left pixel values; a crop of value 13 makes the model fail."""
+    """The frames are one value each, and so are their colour crops; a crop of value 13 makes the model fail."""
 
     classes = CLASSES
     model_id = "fake@1"
-
-    def crop(self, image: np.ndarray, detections: Sequence[FaceDetection]) -> list[np.ndarray]:
-        return [image[:1, :1].copy() for _ in detections]
+    metadata = make_metadata(classes=CLASSES, grayscale=False, mean=(0.5,) * 3, std=(0.25,) * 3, model_id=model_id)
 
     def predict(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         if any(int(crop[0, 0, 0]) == 13 for crop in crops):

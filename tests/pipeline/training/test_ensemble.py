@@ -6,9 +6,10 @@ import torch
 
 from pipeline import cli
 from pipeline.architectures import ProbabilityEnsemble, build_model
-from pipeline.checkpoint import ModelMetadata, load_checkpoint, load_onnx, preprocess_crops, save_checkpoint
+from pipeline.checkpoint import ModelMetadata, load_checkpoint, preprocess_crops, save_checkpoint
 from pipeline.classification import ExpressionClassifier
 from pipeline.config import ClassifierConfig
+from pipeline.runtimes.onnx_runtime import load_onnx
 from pipeline.training.data import FER_CLASSES, load_image_folder
 from pipeline.training.ensemble import greedy_selection, mixed_probabilities, negative_log_likelihood
 from pipeline.training.evaluate import evaluate, predict_probabilities

@@ -13,10 +13,10 @@ from pipeline.checkpoint import (
     ModelMetadata,
     default_checkpoint_path,
     load_checkpoint,
-    load_onnx,
     preprocess_crops,
     save_checkpoint,
 )
+from pipeline.runtimes.onnx_runtime import load_onnx
 from pipeline.training import export as export_module
 from pipeline.training.data import FER_CLASSES
 from pipeline.training.export import load_torchscript, main
