@@ -37,9 +37,7 @@ import torch
 import yaml
 from bench_common import REPO_ROOT
 
-from pipeline.classification import ExpressionClassifier
 from pipeline.config import PipelineConfig, SourceConfig, dump_config, load_config, parse_config
-from pipeline.detection import build_detector
 from pipeline.events import EventPublisher
 from pipeline.metrics import STAGES, PipelineMetrics
 from pipeline.runner import ModelStages, StreamPipeline
@@ -101,11 +99,7 @@ def camera_counts(start: Snapshot, end: Snapshot) -> dict[str, dict[str, Any]]:
 def build_pipeline(config: PipelineConfig) -> tuple[StreamPipeline, PipelineMetrics]:
     """The real ``StreamPipeline`` of ``ferstream run`` with its own metrics registry (no HTTP server)."""
     metrics = PipelineMetrics()
-    models = ModelStages(
-        detector=build_detector(config.detector),
-        classifier=ExpressionClassifier(config.classifier),
-        detection_size=config.detector.detection_size,
-    )
+    models = ModelStages.build(config)
     return StreamPipeline(config, metrics, models, EventPublisher(config.events, metrics)), metrics
 
 
