@@ -78,7 +78,16 @@ import bench_common as common
 import numpy as np
 import torch
 from bench_common import REPO_ROOT
-from pipeline_throughput import build_config, build_pipeline, camera_counts, measure_window, snapshot, summarize, unpaced_source
+from pipeline_throughput import (
+    add_setting_argument,
+    build_config,
+    build_pipeline,
+    camera_counts,
+    measure_window,
+    snapshot,
+    summarize,
+    unpaced_source,
+)
 
 from pipeline.config import PipelineConfig
 
@@ -347,6 +356,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=None, help="keep each clip's first N frames (short runs only)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the peer's venv, outside the repository")
     parser.add_argument("--json", type=Path, default=None, help="write the full result as JSON here")
+    add_setting_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -377,10 +387,11 @@ def main() -> int:
         "sets": [],
     }
     config_label = str(args.config.resolve().relative_to(REPO_ROOT) if args.config.resolve().is_relative_to(REPO_ROOT) else args.config)
+    config_label += "".join(f" {section}.{field}={value}" for section, field, value in args.settings)
 
     with tempfile.TemporaryDirectory(prefix="ferstream-peer-") as temp, common.RedisServer(Path(temp)) as redis_server:
         work = Path(temp)
-        config = build_config(args.config, redis_server.url, None)
+        config = build_config(args.config, redis_server.url, args.settings)
         result["model"] = common.model_description(config.classifier.checkpoint)
         result["settings"]["ferstream_detector"] = config.detector.model_dump(mode="json")
         exclude = {redis_server.pid} if redis_server.pid is not None else set()

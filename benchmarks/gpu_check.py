@@ -34,7 +34,7 @@ import bench_common as common
 import numpy as np
 import torch
 
-from pipeline.config import BlazeFaceConfig, ClassifierConfig, DetectorConfig, load_config
+from pipeline.config import BlazeFaceConfig, ClassifierConfig, MTCNNConfig, load_config
 from pipeline.detection import FaceDetector, build_detector, downscale_for_detection
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,10 +67,10 @@ def timed_rate(step: Callable[[], int], min_seconds: float, sync: Callable[[], N
 def detector_rows(device: str, frames: list[np.ndarray], batches: list[int], seconds: float, sync: Callable[[], None]) -> list[dict]:
     detection_size = load_config(GPU_CONFIG).detector.detection_size
     small = [downscale_for_detection(frame, detection_size).image for frame in frames]
-    configs: dict[str, DetectorConfig | BlazeFaceConfig] = {
+    configs: dict[str, MTCNNConfig | BlazeFaceConfig] = {
         "blazeface torch, whole frame": BlazeFaceConfig(runtime="torch", device=device, tiles=(1, 1), detection_size=detection_size),
         "blazeface torch, default tiles": BlazeFaceConfig(runtime="torch", device=device, detection_size=detection_size),
-        "mtcnn": DetectorConfig(kind="mtcnn", device=device, detection_size=detection_size),
+        "mtcnn": MTCNNConfig(device=device, detection_size=detection_size),
     }
     rows = []
     for name, config in configs.items():

@@ -3,7 +3,7 @@ machine, and where the time of a frame goes.
 
 Usage:
     python benchmarks/pipeline_throughput.py [--clip NAME|PATH] [--seconds 60] [--warmup 10]
-        [--detection-size N] [--cameras 1] [--threads N] [--config configs/pipeline.yaml] [--json OUT]
+        [--set detector.detection_size=N ...] [--cameras 1] [--threads N] [--config configs/pipeline.yaml] [--json OUT]
 
 What runs: the real ``StreamPipeline`` (``pipeline/runner.py``) with real MTCNN, the shipped
 expression checkpoint (``classifier.checkpoint`` of the config; null = the default model) and a
@@ -34,11 +34,10 @@ from typing import Any
 
 import bench_common as common
 import torch
+import yaml
 from bench_common import REPO_ROOT
 
-from pipeline.classification import ExpressionClassifier
 from pipeline.config import PipelineConfig, SourceConfig, dump_config, load_config, parse_config
-from pipeline.detection import build_detector
 from pipeline.events import EventPublisher
 from pipeline.metrics import STAGES, PipelineMetrics
 from pipeline.runner import ModelStages, StreamPipeline
@@ -100,11 +99,7 @@ def camera_counts(start: Snapshot, end: Snapshot) -> dict[str, dict[str, Any]]:
 def build_pipeline(config: PipelineConfig) -> tuple[StreamPipeline, PipelineMetrics]:
     """The real ``StreamPipeline`` of ``ferstream run`` with its own metrics registry (no HTTP server)."""
     metrics = PipelineMetrics()
-    models = ModelStages(
-        detector=build_detector(config.detector),
-        classifier=ExpressionClassifier(config.classifier),
-        detection_size=config.detector.detection_size,
-    )
+    models = ModelStages.build(config)
     return StreamPipeline(config, metrics, models, EventPublisher(config.events, metrics)), metrics
 
 
@@ -137,13 +132,34 @@ def measure_window(pipeline: StreamPipeline, metrics: PipelineMetrics, camera_id
     return Window(start, end, ticks_before, common.cpu_snapshot())
 
 
-def build_config(base: Path, redis_url: str, detection_size: int | None) -> PipelineConfig:
+def parse_setting(text: str) -> tuple[str, str, Any]:
+    """``section.field=value`` (the value read as YAML) from ``--set``."""
+    key, separator, value = text.partition("=")
+    section, dot, field = key.partition(".")
+    if not (separator and dot and section and field):
+        raise argparse.ArgumentTypeError(f"--set wants section.field=value, got {text!r}")
+    return section, field, yaml.safe_load(value)
+
+
+def add_setting_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        type=parse_setting,
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="change one setting of --config, e.g. detector.interval=3 (repeatable; validated like the config)",
+    )
+
+
+def build_config(base: Path, redis_url: str, settings: list[tuple[str, str, Any]]) -> PipelineConfig:
     data = dump_config(load_config(base))
     data["cameras"] = []
     data["events"]["redis_url"] = redis_url
     data["metrics"]["enabled"] = False  # read from the registry directly, no HTTP server needed
-    if detection_size is not None:
-        data["detector"]["detection_size"] = detection_size
+    for section, field, value in settings:
+        data.setdefault(section, {})[field] = value
     return parse_config(PipelineConfig, data, "benchmark config")
 
 
@@ -228,11 +244,11 @@ def main() -> int:
     parser.add_argument("--clip", default=common.DEFAULT_CLIP, help="shared clip name (stem) or a video path")
     parser.add_argument("--seconds", type=float, default=60.0, help="measured window after the warm-up")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds run before measuring")
-    parser.add_argument("--detection-size", type=int, default=None, help="detector.detection_size (default: the config's)")
     parser.add_argument("--cameras", type=int, default=1, help="copies of the clip processed together (batched)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, = cores)")
     parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs/pipeline.yaml", help="base pipeline config")
     parser.add_argument("--json", type=Path, default=None, help="write the full result as JSON here")
+    add_setting_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -250,7 +266,7 @@ def main() -> int:
     }
 
     with tempfile.TemporaryDirectory(prefix="ferstream-bench-") as work, common.RedisServer(Path(work)) as redis_server:
-        config = build_config(args.config, redis_server.url, args.detection_size)
+        config = build_config(args.config, redis_server.url, args.settings)
         result["model"] = common.model_description(config.classifier.checkpoint)
         result["settings"] = {
             "clip": clip_info.to_dict(),

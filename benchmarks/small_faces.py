@@ -22,11 +22,11 @@ import bench_common as common
 import cv2
 import numpy as np
 
-from pipeline.config import BlazeFaceConfig, DetectorConfig
+from pipeline.config import BlazeFaceConfig, MTCNNConfig
 from pipeline.detection import FaceDetector, build_detector, detect_frames
 
-DETECTORS: dict[str, DetectorConfig | BlazeFaceConfig] = {
-    "mtcnn": DetectorConfig(kind="mtcnn"),
+DETECTORS: dict[str, MTCNNConfig | BlazeFaceConfig] = {
+    "mtcnn": MTCNNConfig(),
     "blazeface full_range, whole frame": BlazeFaceConfig(model="full_range", tiles=(1, 1)),
     "blazeface back, whole frame": BlazeFaceConfig(model="back", tiles=(1, 1)),
     "blazeface full_range + 2x1 full_range tiles": BlazeFaceConfig(model="full_range", tiles=(2, 1)),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, preprocess_crops
-from pipeline.config import ClassifierConfig
+from pipeline.config import BaseDetectorConfig, ClassifierConfig
 from pipeline.detection import FaceDetection
 from pipeline.runtimes.base import ClassifierRuntime, RuntimeSettings
 from pipeline.runtimes.builders import build_runtime
@@ -45,14 +45,20 @@ def face_crop_transform(detection: FaceDetection, margin: float, size: int) -> n
     return matrix
 
 
-def crop_faces(image: np.ndarray, detections: Sequence[FaceDetection], metadata: ModelMetadata) -> list[np.ndarray]:
-    """Aligned, padded face crops (``resize_to`` square; grayscale when the model is) from one frame."""
+def crop_margin(detector: BaseDetectorConfig, metadata: ModelMetadata) -> float:
+    """The margin crops of this detector's boxes get: the detector's own calibration, else the checkpoint's."""
+    return metadata.face_margin if detector.face_margin is None else detector.face_margin
+
+
+def crop_faces(image: np.ndarray, detections: Sequence[FaceDetection], metadata: ModelMetadata, margin: float) -> list[np.ndarray]:
+    """Aligned, padded face crops (``resize_to`` square; grayscale when the model is) from one frame, each box
+    enlarged by ``margin`` on each side (:func:`crop_margin`)."""
     source = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if metadata.grayscale and image.ndim == 3 and detections else image
     size = metadata.resize_to
     return [
         cv2.warpAffine(
             source,
-            face_crop_transform(detection, metadata.face_margin, size),
+            face_crop_transform(detection, margin, size),
             (size, size),
             flags=cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_REPLICATE,

@@ -56,8 +56,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_pipeline(args: argparse.Namespace, config: PipelineConfig) -> int:
     from pipeline.banner import run_banner
-    from pipeline.classification import ExpressionClassifier
-    from pipeline.detection import build_detector
     from pipeline.events import EventPublisher, ExpressionEvent
     from pipeline.exit_codes import ExitCode, run_exit_code
     from pipeline.metrics import PipelineMetrics, serve_metrics
@@ -71,11 +69,7 @@ def _run_pipeline(args: argparse.Namespace, config: PipelineConfig) -> int:
         port = serve_metrics(metrics, config.metrics.host, config.metrics.port)
         metrics_url = f"http://{config.metrics.host}:{port}/metrics"
         log.info("metrics on %s", metrics_url)
-    models = ModelStages(
-        detector=build_detector(config.detector),
-        classifier=ExpressionClassifier(config.classifier),
-        detection_size=config.detector.detection_size,
-    )
+    models = ModelStages.build(config)
     warm_up_detector(models.detector, models.detection_size)
     warm_up_classifier(models.classifier)
     publisher = EventPublisher(config.events, metrics)
@@ -206,7 +200,7 @@ DELEGATED = {
     ),
     "export": DelegatedCommand("pipeline.training.export", "export a checkpoint to ONNX or TorchScript, checked against PyTorch"),
     "calibrate-margin": DelegatedCommand(
-        "pipeline.training.calibrate_margin", "choose a checkpoint's face_margin on the service's own detector crops"
+        "pipeline.training.calibrate_margin", "choose detector.face_margin, the crop margin, on the service's own detector crops"
     ),
     "ensemble": DelegatedCommand(
         "pipeline.training.ensemble", "combine checkpoints into one ensemble model file (greedy selection on val, or given weights)"

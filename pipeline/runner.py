@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.analysis import CameraAnalyzer
-from pipeline.classification import ExpressionClassifier, crop_faces
+from pipeline.classification import ExpressionClassifier, crop_faces, crop_margin
 from pipeline.config import PipelineConfig, SourceConfig
-from pipeline.detection import FaceDetection, FaceDetector, detect_frames
+from pipeline.detection import FaceDetection, FaceDetector, build_detector, detect_frames
 from pipeline.events import EventPublisher, ExpressionEvent
 from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit
 from pipeline.metrics import PipelineMetrics
@@ -39,6 +39,18 @@ class ModelStages:
     detector: FaceDetector
     classifier: ExpressionClassifier
     detection_size: int
+    face_margin: float  # crop margin for this detector's boxes (pipeline.classification.crop_margin)
+
+    @classmethod
+    def build(cls, config: PipelineConfig) -> ModelStages:
+        """The configured detector and classifier, loaded."""
+        classifier = ExpressionClassifier(config.classifier)
+        return cls(
+            detector=build_detector(config.detector),
+            classifier=classifier,
+            detection_size=config.detector.detection_size,
+            face_margin=crop_margin(config.detector, classifier.metadata),
+        )
 
 
 class StreamPipeline:
@@ -157,7 +169,7 @@ class StreamPipeline:
         crops_of: list[tuple[VideoFrame, list[FaceDetection], list[np.ndarray]]] = []
         for frame, found in found_in:
             try:
-                crops_of.append((frame, found, crop_faces(frame.image, found, self.models.classifier.metadata)))
+                crops_of.append((frame, found, crop_faces(frame.image, found, self.models.classifier.metadata, self.models.face_margin)))
             except Exception as error:
                 self.failures.record(frame.camera_id, "classify", frame.frame_index, error)
         started = time.perf_counter()

@@ -42,7 +42,7 @@ def warm_up_classifier(classifier: ExpressionClassifier) -> float:
     height, width = WARMUP_FRAME_SHAPE[:2]
     face = FaceDetection(box=(width * 0.4, height * 0.3, width * 0.6, height * 0.7), score=1.0)
     started = time.perf_counter()
-    classifier.predict(crop_faces(_noise_frame(), [face], classifier.metadata))
+    classifier.predict(crop_faces(_noise_frame(), [face], classifier.metadata, classifier.metadata.face_margin))
     elapsed = time.perf_counter() - started
     log.info("expression classifier warmed up in %.2f s", elapsed)
     return elapsed

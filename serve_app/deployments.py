@@ -31,7 +31,7 @@ from pipeline.analysis import CameraAnalyzer
 from pipeline.auth import ApiTokens, check_exposure
 from pipeline.batching import BusyAwareBatchWait
 from pipeline.checkpoint import ModelMetadata
-from pipeline.classification import ExpressionClassifier, crop_faces
+from pipeline.classification import ExpressionClassifier, crop_faces, crop_margin
 from pipeline.config import PipelineConfig, SourceConfig, apply_environment, parse_config
 from pipeline.detection import FaceDetection, build_detector, downscale_for_detection, scale_detections
 from pipeline.events import EventPublisher, redis_client
@@ -197,6 +197,7 @@ class CameraSession:
         self.preview = preview
         self.detection_size = pipeline_config.detector.detection_size
         self.metadata = metadata
+        self.face_margin = crop_margin(pipeline_config.detector, metadata)
         self.detector = detector
         self.classifier = classifier
         self.metrics = metrics
@@ -255,7 +256,7 @@ class CameraSession:
         else:  # detector.interval: the tracks' boxes carried on
             detections = self.analyzer.carried_detections()
         try:
-            crops = crop_faces(frame.image, detections, self.metadata)
+            crops = crop_faces(frame.image, detections, self.metadata, self.face_margin)
             # One request per face: the classifier's @serve.batch groups faces across all frames.
             responses = [self.classifier.classify.remote(crop) for crop in crops]
             rows = [response.result(timeout_s=MODEL_CALL_TIMEOUT_S) for response in responses]

@@ -97,3 +97,9 @@ def encode_test_clip(
         for packet in stream.encode(None):
             container.mux(packet)
     return path
+
+
+def decode_bgr_frames(path: Path) -> list[np.ndarray]:
+    """Every frame of a video file, as BGR arrays."""
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="bgr24") for frame in container.decode(video=0)]

@@ -261,17 +261,16 @@ class LiteRTRuntime:
 
 
 class TorchRuntime:
-    """The graph rebuilt in PyTorch: one batched call, on CPU or CUDA."""
+    """The graph rebuilt in PyTorch: one batched call, on CPU or CUDA, with the process's torch threads."""
 
-    def __init__(self, path: Path, threads: int, device: str) -> None:
+    def __init__(self, path: Path, device: str) -> None:
         import torch
 
         from pipeline.detectors.tflite_graph import TFLiteGraph
 
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("detector.device is 'cuda' but CUDA is not available")
-        if device == "cpu":
-            torch.set_num_threads(threads)
+        # No torch.set_num_threads here: it is process-wide, and would change the classifier's threads too.
         self._torch = torch
         self._device = device
         self._graph = TFLiteGraph(path).eval().to(device)
@@ -331,7 +330,7 @@ class BlazeFaceDetector:
         if self.config.runtime == "litert":
             runtime = LiteRTRuntime(path, self.config.threads)
         else:
-            runtime = TorchRuntime(path, self.config.threads, self.config.device)
+            runtime = TorchRuntime(path, self.config.device)
         return LoadedModel(name=name, spec=MODELS[name], anchors=ssd_anchors(MODELS[name]), runtime=runtime)
 
     def views(self, image: np.ndarray) -> list[Window]:

@@ -1,8 +1,11 @@
-"""Calibrate a checkpoint's ``face_margin`` against the service's face detector (``ferstream calibrate-margin``).
+"""Calibrate the face crop margin for a detector and a checkpoint (``ferstream calibrate-margin``).
 
 The classifier is trained on the dataset's own framing (FER2013: the whole 48x48 image), while the
-service feeds it :func:`pipeline.classification.crop_faces` crops of detector boxes enlarged by
-``face_margin`` on each side. This command measures which margin makes the two match:
+service feeds it :func:`pipeline.classification.crop_faces` crops of detector boxes enlarged by a
+margin on each side: the detector's ``face_margin`` (``detector.face_margin``), else the checkpoint's.
+Detectors frame faces differently (BlazeFace's boxes are tighter than MTCNN's), so the margin is a
+detector setting. This command measures which margin makes the two match; put ``best_margin`` in the
+``detector:`` section's ``face_margin``:
 
 1. every image is padded (replicate border, ``--pad`` pixels per side) and upscaled ``--upscale``
    times (bilinear), so the detector sees a face that fills most of a small frame;
@@ -10,7 +13,7 @@ service feeds it :func:`pipeline.classification.crop_faces` crops of detector bo
    detector, or the ``detector:`` section of ``--config``) runs on those frames
    through :func:`pipeline.detection.detect_frames`; with several faces, the highest score counts;
 3. on the images with a face, the classifier is scored on service crops of that frame for each
-   ``--margins`` value (the checkpoint's metadata with ``face_margin`` replaced), and on the
+   ``--margins`` value, and on the
    whole original image (the dataset's framing) through :func:`pipeline.checkpoint.preprocess_crops`.
 
 It also reports the median detected box side in original-image pixels (the longest box side, as
@@ -22,7 +25,6 @@ predictions (ties go to the smaller margin). Nothing is random: the same inputs 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -157,7 +159,6 @@ def calibrate(
     if upscale < 1 or pad < 0 or batch_size < 1:
         raise ValueError(f"need upscale >= 1, pad >= 0 and batch_size >= 1, got {upscale}, {pad}, {batch_size}")
     margins = tuple(sorted(float(m) for m in margins))
-    per_margin_metadata = {margin: dataclasses.replace(metadata, face_margin=margin) for margin in margins}
     detected: list[int] = []
     sides: list[float] = []
     crops: dict[float, list[np.ndarray]] = {margin: [] for margin in margins}
@@ -170,7 +171,7 @@ def calibrate(
             detected.append(start + offset)
             sides.append(box_side(face) / upscale)
             for margin in margins:
-                crops[margin].extend(crop_faces(frame, [face], per_margin_metadata[margin]))
+                crops[margin].extend(crop_faces(frame, [face], metadata, margin))
 
     subset = labels[detected]
     per_margin: dict[str, dict[str, Any]] = {}

@@ -7,8 +7,8 @@ import torch
 
 from pipeline.architectures import build_model
 from pipeline.checkpoint import ONNX_METADATA_KEY, CheckpointError, ModelMetadata, default_checkpoint_path, save_checkpoint
-from pipeline.classification import ExpressionClassifier, crop_faces, face_crop_transform
-from pipeline.config import ClassifierConfig
+from pipeline.classification import ExpressionClassifier, crop_faces, crop_margin, face_crop_transform
+from pipeline.config import BlazeFaceConfig, ClassifierConfig, MTCNNConfig
 from pipeline.detection import FaceDetection
 from pipeline.runtimes.onnx_runtime import OnnxClassifierRuntime
 from pipeline.training.export import export
@@ -62,10 +62,23 @@ def test_crops_are_gray_padded_and_sized_by_the_model():
     image = np.zeros((100, 100, 3), np.uint8)
     image[:, :50] = (0, 0, 255)  # left half red in BGR
     # A box hanging over the left edge: the outside is replicated, not black garbage.
-    (crop,) = crop_faces(image, [FaceDetection(box=(-20, 20, 40, 80), score=1.0)], metadata())
+    (crop,) = crop_faces(image, [FaceDetection(box=(-20, 20, 40, 80), score=1.0)], metadata(), 0.0)
     assert crop.shape == (48, 48) and crop.dtype == np.uint8
     assert crop.min() == crop.max() == round(0.299 * 255)
-    assert crop_faces(image, [], metadata()) == []
+    assert crop_faces(image, [], metadata(), 0.0) == []
+
+
+def test_the_crop_margin_is_the_detectors_own_else_the_checkpoints():
+    model = metadata()
+    assert crop_margin(MTCNNConfig(), model) == model.face_margin
+    assert crop_margin(BlazeFaceConfig(), model) == BlazeFaceConfig().face_margin == 0.1
+    assert crop_margin(BlazeFaceConfig(face_margin=None), model) == model.face_margin
+    # A larger margin takes a wider view around the same box: a box-sized white square fills less of the crop.
+    image = np.zeros((200, 200, 3), np.uint8)
+    image[70:130, 70:130] = 255
+    box = [FaceDetection(box=(70, 70, 130, 130), score=1.0)]
+    tight, loose = crop_faces(image, box, model, 0.0)[0], crop_faces(image, box, model, 0.25)[0]
+    assert (tight > 128).mean() > 0.95 and 0.3 < (loose > 128).mean() < 0.5
 
 
 def test_classifier_predicts_probability_rows_in_batches(checkpoint):
@@ -73,7 +86,7 @@ def test_classifier_predicts_probability_rows_in_batches(checkpoint):
     assert classifier.classes == CLASSES and classifier.model_id == "test-model"
     image = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
     detections = [FaceDetection(box=(10 + 30 * i, 10, 70 + 30 * i, 80), score=0.99) for i in range(7)]
-    crops = crop_faces(image, detections, classifier.metadata)
+    crops = crop_faces(image, detections, classifier.metadata, 0.0)
     assert all(crop.shape == (48, 48) for crop in crops)
     probabilities = classifier.predict(crops)
     assert probabilities.shape == (7, len(CLASSES)) and probabilities.dtype == np.float32
@@ -103,7 +116,7 @@ def face_crops(classifier: ExpressionClassifier, n: int, seed: int) -> list[np.n
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
     detections = [FaceDetection(box=(10 + 20 * i, 10 + 5 * i, 70 + 20 * i, 80 + 5 * i), score=0.99) for i in range(n)]
-    crops = crop_faces(image, detections, classifier.metadata)
+    crops = crop_faces(image, detections, classifier.metadata, 0.0)
     for i in range(n):
         side = int(rng.integers(20, 160))
         crops.append(rng.integers(0, 256, (side, side) if i % 2 else (side, side, 3), dtype=np.uint8))

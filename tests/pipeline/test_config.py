@@ -8,7 +8,7 @@ from pipeline.config import (
     BlazeFaceConfig,
     ClassifierConfig,
     ConfigError,
-    DetectorConfig,
+    MTCNNConfig,
     PipelineConfig,
     SourceConfig,
     load_config,
@@ -30,7 +30,7 @@ def test_the_reference_config_lists_exactly_the_defaults():
     # configs/pipeline.yaml says "every value below is the default": hold it to that.
     assert load_config(REPO / "configs" / "pipeline.yaml").model_dump() == PipelineConfig().model_dump()
     mtcnn = load_config(REPO / "configs" / "pipeline-mtcnn.yaml")
-    assert mtcnn.detector == DetectorConfig(kind="mtcnn")
+    assert mtcnn.detector == MTCNNConfig()
     assert mtcnn.model_dump(exclude={"detector"}) == PipelineConfig().model_dump(exclude={"detector"})
 
 
@@ -40,6 +40,12 @@ def test_blazeface_is_the_default_detector_and_cuda_needs_its_torch_runtime():
     with pytest.raises(ConfigError, match=r"detector\.blazeface.*runtime 'torch'"):
         parse_config(PipelineConfig, {"detector": {"device": "cuda"}}, "test")
     assert load_config(REPO / "configs" / "pipeline-gpu.yaml").detector.runtime == "torch"
+
+
+def test_threads_on_the_torch_runtime_fail_because_they_would_change_the_classifiers():
+    with pytest.raises(ConfigError, match=r"detector\.blazeface.*threads applies to runtime 'litert'"):
+        parse_config(PipelineConfig, {"detector": {"runtime": "torch", "threads": 2}}, "test")
+    assert parse_config(PipelineConfig, {"detector": {"runtime": "torch"}}, "test").detector.runtime == "torch"
 
 
 def test_the_demo_config_has_a_camera():
@@ -89,7 +95,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("cameras: [{camera_id: a, url: x.mp4}, {camera_id: a, url: y.mp4}]", "cameras"),
         ("detector: {score_threshold: 1.5}", "detector.blazeface.score_threshold"),
         ("detector: {kind: mtcnn, score_threshold: 1.5}", "detector.mtcnn.score_threshold"),
-        ("detector: {kind: yunet}", "detector.yunet"),
+        ("detector: {kind: yunet}", "detector.yunet.onnx_path"),
         ("detector: {kind: blazeface, threads: 0}", "detector.blazeface.threads"),
         ("events: {redis_url: 'http://x'}", "events.redis_url"),
         ("events: {retry: {initial_s: 5, max_s: 1}}", "events.retry"),

@@ -1,30 +1,14 @@
-from pathlib import Path
-
-import av
 import numpy as np
 import pytest
 
-from pipeline.config import DetectorConfig
-from pipeline.detection import (
-    FaceDetection,
-    MTCNNDetector,
-    YuNetDetector,
-    _yunet_detections,
-    build_detector,
-    detect_frames,
-    downscale_for_detection,
-    scale_detections,
-)
-
-
-def decode_bgr_frames(path: Path) -> list[np.ndarray]:
-    with av.open(str(path)) as container:
-        return [frame.to_ndarray(format="bgr24") for frame in container.decode(video=0)]
+from pipeline.config import MTCNNConfig, YuNetConfig
+from pipeline.detection import DETECTOR_CLASSES, FaceDetection, build_detector, detect_frames, downscale_for_detection, scale_detections
+from tests.media import decode_bgr_frames
 
 
 @pytest.fixture(scope="module")
-def mtcnn() -> MTCNNDetector:
-    return MTCNNDetector(DetectorConfig())
+def mtcnn():
+    return build_detector(MTCNNConfig())
 
 
 def test_downscale_keeps_aspect_and_never_upscales():
@@ -44,41 +28,13 @@ def test_scale_detections_maps_boxes_and_landmarks_back():
     assert scaled.score == 0.9
 
 
-def test_yunet_rows_are_parsed_and_small_faces_filtered():
-    rows = np.array(
-        [
-            [10, 20, 40, 50, 20, 30, 40, 30, 30, 40, 22, 55, 38, 55, 0.95],
-            [0, 0, 5, 5, 1, 1, 2, 1, 2, 2, 1, 3, 2, 3, 0.99],
-        ],
-        np.float32,
-    )
-    (detection,) = _yunet_detections(rows, min_face_size=10)
-    assert detection.box == (10, 20, 50, 70)
-    assert detection.score == pytest.approx(0.95)
-    assert detection.landmarks is not None and detection.landmarks[0] == (20, 30)
-    assert _yunet_detections(None, 10) == []
+def test_every_detector_kind_has_a_class_and_is_built_by_its_kind(tmp_path):
+    from pipeline.config import AnyDetectorConfig
 
-
-def test_yunet_needs_an_existing_model_file(tmp_path):
+    kinds = {member.model_fields["kind"].default for member in AnyDetectorConfig.__origin__.__args__}
+    assert kinds == set(DETECTOR_CLASSES)
     with pytest.raises(FileNotFoundError, match="onnx_path"):
-        YuNetDetector(DetectorConfig(kind="yunet", onnx_path=tmp_path / "missing.onnx"))
-    with pytest.raises(FileNotFoundError):
-        build_detector(DetectorConfig(kind="yunet", onnx_path=tmp_path / "missing.onnx"))
-
-
-def test_mtcnn_finds_nothing_in_a_blank_frame(mtcnn):
-    assert mtcnn.detect_batch([np.full((240, 320, 3), 127, np.uint8)]) == [[]]
-
-
-@pytest.mark.parametrize(("clip", "people"), [("head-pose-face-detection-female-and-male", 2), ("face-demographics-walking-and-pause", 3)])
-def test_mtcnn_finds_the_people_in_the_shared_clips(mtcnn, shared_clips, clip, people):
-    frames = decode_bgr_frames(shared_clips[clip])
-    counts = []
-    for start in range(0, len(frames), 8):
-        batch = frames[start : start + 8]
-        counts.extend(len(found) for found in detect_frames(mtcnn, batch, detection_size=640))
-    hits = sum(count == people for count in counts)
-    assert hits >= 0.8 * len(frames), f"{people} faces in only {hits}/{len(frames)} frames: {counts}"
+        build_detector(YuNetConfig(onnx_path=tmp_path / "missing.onnx"))
 
 
 def test_downscaled_detection_maps_back_to_full_frame_boxes(mtcnn, shared_clips):

@@ -10,8 +10,7 @@ import redis
 from prometheus_client import generate_latest
 
 from pipeline.analysis import CameraAnalyzer
-from pipeline.classification import ExpressionClassifier
-from pipeline.config import DetectorConfig, PipelineConfig, SourceConfig, parse_config
+from pipeline.config import MTCNNConfig, PipelineConfig, SourceConfig, parse_config
 from pipeline.detection import FaceDetection, build_detector
 from pipeline.events import EventPublisher, ExpressionEvent, stream_key, validate_event_dict
 from pipeline.metrics import PipelineMetrics
@@ -26,8 +25,7 @@ PEOPLE = {"head-pose-face-detection-female-and-male": 2, "face-demographics-walk
 
 @pytest.fixture(scope="module")
 def models() -> ModelStages:
-    config = PipelineConfig()
-    return ModelStages(build_detector(config.detector), ExpressionClassifier(config.classifier), config.detector.detection_size)
+    return ModelStages.build(PipelineConfig())
 
 
 def make_pipeline(models: ModelStages, redis_url: str, cameras: list[dict]) -> tuple[StreamPipeline, PipelineMetrics]:
@@ -93,8 +91,8 @@ def test_a_camera_the_detector_fails_on_does_not_stop_a_good_one(models, redis_s
     # The issue's case: MTCNN has no image pyramid for a 1920x40 frame (640x13 after downscaling) and
     # raised out of the whole batch, so `ferstream run` stopped the good camera too. (The default
     # BlazeFace takes such frames, so the detector here is MTCNN, as in the report.)
-    mtcnn = DetectorConfig(kind="mtcnn")
-    models = ModelStages(build_detector(mtcnn), models.classifier, mtcnn.detection_size)
+    mtcnn = MTCNNConfig()
+    models = ModelStages(build_detector(mtcnn), models.classifier, mtcnn.detection_size, face_margin=0.0)
     thin = encode_test_clip(tmp_path / "thin.mp4", frames=40, size=(1920, 40))
     cameras = [
         {"camera_id": "good", "url": str(shared_clips["face-demographics-walking-and-pause"]), "realtime": False, "target_fps": None},
@@ -155,7 +153,7 @@ def fake_frame(camera_id: str, index: int, shape: tuple[int, int] = (64, 64), va
 def fake_pipeline() -> tuple[StreamPipeline, MemorySink, PipelineMetrics]:
     config = PipelineConfig()
     metrics, sink = PipelineMetrics(), MemorySink()
-    models = ModelStages(ThinFrameDetector(), FakeClassifier(), 640)  # type: ignore[arg-type]
+    models = ModelStages(ThinFrameDetector(), FakeClassifier(), 640, face_margin=0.0)  # type: ignore[arg-type]
     pipeline = StreamPipeline(config, metrics, models, EventPublisher(config.events, metrics, sink))
     for camera_id in ("good", "thin", "odd"):
         pipeline._analyzers[camera_id] = CameraAnalyzer(
@@ -263,7 +261,9 @@ def test_detection_interval_detects_every_nth_frame_and_classifies_every_frame_o
     config = parse_config(PipelineConfig, {"detector": {"interval": 3}}, "test")
     metrics, sink = PipelineMetrics(), MemorySink()
     detector = MovingFaceDetector()
-    pipeline = StreamPipeline(config, metrics, ModelStages(detector, FakeClassifier(), 640), EventPublisher(config.events, metrics, sink))  # type: ignore[arg-type]
+    pipeline = StreamPipeline(
+        config, metrics, ModelStages(detector, FakeClassifier(), 640, face_margin=0.0), EventPublisher(config.events, metrics, sink)
+    )  # type: ignore[arg-type]
     pipeline._analyzers["cam"] = CameraAnalyzer(
         "cam", config.tracker, CLASSES, "fake@1", pipeline.publisher, metrics, pipeline.failures, detection_interval=3
     )

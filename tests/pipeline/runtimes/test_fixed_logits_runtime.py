@@ -28,7 +28,7 @@ def softmax(row: np.ndarray) -> np.ndarray:
 def frame_crops(n: int) -> list[np.ndarray]:
     image = np.random.default_rng(3).integers(0, 255, (240, 320, 3), dtype=np.uint8)
     detections = [FaceDetection(box=(10 + 25 * i, 10, 70 + 25 * i, 80), score=0.9) for i in range(n)]
-    return crop_faces(image, detections, make_metadata())
+    return crop_faces(image, detections, make_metadata(), 0.0)
 
 
 def test_the_classifier_batches_preprocesses_and_softmaxes_around_any_runtime() -> None:
