@@ -19,9 +19,7 @@ import numpy as np
 import pytest
 import redis
 
-from pipeline.classification import ExpressionClassifier
 from pipeline.config import PipelineConfig, SourceConfig, parse_config
-from pipeline.detection import build_detector
 from pipeline.events import EventPublisher, ExpressionEvent, stream_key
 from pipeline.metrics import PipelineMetrics
 from pipeline.runner import ModelStages, StreamPipeline
@@ -46,7 +44,7 @@ INTERNAL_ERROR = "internal error"
 def models() -> ModelStages:
     config = PipelineConfig()
     assert config.detector.kind == "blazeface"  # the default detector is the one under test
-    return ModelStages(build_detector(config.detector), ExpressionClassifier(config.classifier), config.detector.detection_size)
+    return ModelStages.build(config)
 
 
 def file_camera(camera_id: str, path: Path) -> dict:
