@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.support import RedisServer, free_port, wait_for_port, wait_until  # noqa: E402,F401 - re-exported
+from bench_servers import RedisServer, free_port, wait_for_port, wait_until  # noqa: E402,F401 - re-exported
 
 DEFAULT_CLIP = "head-pose-face-detection-female-and-male"
 
@@ -78,7 +78,8 @@ def decode_clip(path: Path) -> tuple[ClipInfo, list[Any]]:
 # -- servers --------------------------------------------------------------------------------------
 
 
-# free_port, wait_for_port, wait_until and RedisServer are the tests' own (tests/support.py).
+# free_port, wait_for_port, wait_until and RedisServer live in bench_servers.py (not tests/support.py:
+# the benchmarks run without the test suite).
 
 
 # -- what was measured, where ---------------------------------------------------------------------

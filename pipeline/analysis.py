@@ -19,9 +19,9 @@ import numpy as np
 from pipeline.config import TrackerConfig
 from pipeline.detection import FaceDetection
 from pipeline.events import EventPublisher, ExpressionEvent, new_run_id
+from pipeline.frames import VideoFrame
 from pipeline.isolation import FrameFailures
 from pipeline.metrics import PipelineMetrics
-from pipeline.sources import VideoFrame
 from pipeline.tracking import IoUTracker, TrackedFace
 
 log = logging.getLogger("ferstream.analysis")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pipeline.config import PipelineConfig, SourceConfig
 from pipeline.events import stream_key
 from pipeline.redis_check import redis_address
-from pipeline.sources import redact_url
+from pipeline.url_policy import redact_url
 
 
 def describe_camera(camera: SourceConfig) -> str:

@@ -29,8 +29,8 @@ from pipeline.redis_check import RedisUnreachable, check_redis, redis_address, u
 from pipeline.summary import RunTotals
 
 if TYPE_CHECKING:
+    from pipeline.frames import SourceStatus
     from pipeline.metrics import PipelineMetrics
-    from pipeline.sources import SourceStatus
 
 log = logging.getLogger("ferstream.cli")
 

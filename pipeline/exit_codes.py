@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 
-from pipeline.sources import SourceStatus, StreamState
+from pipeline.frames import SourceStatus, StreamState
 
 
 class ExitCode(enum.IntEnum):

@@ -25,8 +25,8 @@ from typing import Any
 import redis
 
 from pipeline.config import ConfigError, SourceConfig, parse_config
+from pipeline.frames import SourceStatus
 from pipeline.log_limits import RepeatLimitedLog
-from pipeline.sources import SourceStatus
 
 log = logging.getLogger("ferstream.registry")
 

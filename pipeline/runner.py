@@ -21,9 +21,11 @@ from pipeline.classification import ExpressionClassifier, crop_faces, crop_margi
 from pipeline.config import PipelineConfig, SourceConfig
 from pipeline.detection import FaceDetection, FaceDetector, build_detector, detect_frames
 from pipeline.events import EventPublisher, ExpressionEvent
+from pipeline.frames import SourceStatus, VideoFrame
 from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit
 from pipeline.metrics import PipelineMetrics
-from pipeline.sources import CameraSource, SourceStatus, VideoFrame
+from pipeline.sources.camera import CameraSource
+from pipeline.sources.readers import frame_reader_for
 
 log = logging.getLogger("ferstream.runner")
 
@@ -80,7 +82,7 @@ class StreamPipeline:
         with self._lock:
             if source_config.camera_id in self._sources:
                 raise ValueError(f"camera {source_config.camera_id!r} already exists")
-            source = CameraSource(source_config, self.metrics)
+            source = CameraSource(source_config, self.metrics, reader=frame_reader_for(source_config.url))
             self._sources[source_config.camera_id] = source
             classifier = self.models.classifier
             self._analyzers[source_config.camera_id] = CameraAnalyzer(

@@ -20,6 +20,10 @@ file and echo what it found through ``last_error``. The policy here closes that 
 Host names are checked as written, not resolved: a DNS name that resolves to a metadata address is
 stopped only by the egress NetworkPolicy (k8s/base/networkpolicies.yaml). SECURITY.md says so.
 
+Showing a URL is the other half of URL handling, and lives here too: ``redact_url``, ``url_secrets``
+and ``scrub_credentials`` keep the passwords and tokens camera URLs often carry out of logs, API
+responses, statuses and errors.
+
 Ray-free and PyAV-free: the config, the API and the decode thread all use it.
 """
 
@@ -219,3 +223,77 @@ def check_source_url(
     else:
         _check_file(url, origin, allowed_file_dirs)
     return url
+
+
+# -- showing URLs without their credentials ---------------------------------------------------
+
+# Query parameters whose values are credentials in camera and CDN URLs (?pwd=, ?token=, signed URLs).
+# A parameter is secret when its name, lower-cased, is one of these or contains one of SECRET_QUERY_PARTS.
+SECRET_QUERY_NAMES = frozenset(
+    {"pass", "pwd", "passwd", "password", "token", "key", "secret", "auth", "signature", "sig", "credential", "credentials", "session"}
+)
+SECRET_QUERY_PARTS = ("password", "passwd", "token", "secret", "signature", "apikey", "api_key", "access_key", "auth", "credential")
+REDACTED = "***"
+UNPARSABLE_URL = "<unparsable URL>"
+
+
+def is_secret_query_parameter(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in SECRET_QUERY_NAMES or any(part in lowered for part in SECRET_QUERY_PARTS)
+
+
+def _redact_query(query: str) -> str:
+    if not query:
+        return query
+    parts = []
+    for pair in query.split("&"):
+        name, equals, _value = pair.partition("=")
+        parts.append(f"{name}={REDACTED}" if equals and is_secret_query_parameter(urllib.parse.unquote_plus(name)) else pair)
+    return "&".join(parts)
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials, for logs, API responses and errors (camera URLs often carry them):
+    the password in the user info and the values of secret-looking query parameters become ``***``.
+    Never raises: a URL that does not parse is replaced as a whole rather than shown."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:
+        return UNPARSABLE_URL
+    netloc = parsed.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
+    elif at:
+        # User info without a password is often a token in the user's place (https://<token>@host/).
+        netloc = f"{REDACTED}@{host}"
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc, query=_redact_query(parsed.query)))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credential parts of a URL as they may appear in text: the password (or a user part
+    without one), the values of secret-looking query parameters, each raw and decoded."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:
+        return [url]  # no parts to tell apart: the whole URL is the secret
+    secrets: list[str] = []
+    userinfo, at, _host = parsed.netloc.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        secrets.append(password if colon else user)
+    for pair in parsed.query.split("&"):
+        name, equals, value = pair.partition("=")
+        if equals and is_secret_query_parameter(urllib.parse.unquote_plus(name)):
+            secrets.append(value)
+    decoded = [urllib.parse.unquote_plus(secret) for secret in secrets]
+    return sorted({secret for secret in (*secrets, *decoded) if secret}, key=len, reverse=True)
+
+
+def scrub_credentials(text: str, url: str) -> str:
+    """``text`` (an error message, a status) with ``url`` shown redacted and every credential in it
+    replaced by ``***``, wherever a library may have quoted it."""
+    scrubbed = text.replace(url, redact_url(url)) if url else text
+    for secret in url_secrets(url):
+        scrubbed = scrubbed.replace(secret, REDACTED)
+    return scrubbed

@@ -30,8 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pipeline.auth import WWW_AUTHENTICATE, ApiAuth
 from pipeline.config import ConfigError, SourceConfig, UrlPolicyConfig, parse_config
 from pipeline.registry import AddOutcome, CameraRegistry
-from pipeline.sources import redact_url, scrub_credentials
-from pipeline.url_policy import UrlOrigin, UrlRefused
+from pipeline.url_policy import UrlOrigin, UrlRefused, redact_url, scrub_credentials
 
 log = logging.getLogger("ferstream.api")
 

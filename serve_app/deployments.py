@@ -41,7 +41,8 @@ from pipeline.log_limits import RepeatLimitedLog
 from pipeline.metrics import PipelineMetrics
 from pipeline.preview import PreviewStore, PreviewWriter
 from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
-from pipeline.sources import CameraSource
+from pipeline.sources.camera import CameraSource
+from pipeline.sources.readers import frame_reader_for
 from serve_app.api import OPEN_PATHS, StreamController, build_api
 from serve_app.live_routes import PAGE_PATHS, PAGE_PREFIXES, live_hold_s, live_page_router
 
@@ -201,7 +202,7 @@ class CameraSession:
         self.detector = detector
         self.classifier = classifier
         self.metrics = metrics
-        self.source = CameraSource(camera, metrics)
+        self.source = CameraSource(camera, metrics, reader=frame_reader_for(camera.url))
         self.analyzer = CameraAnalyzer(
             camera.camera_id,
             pipeline_config.tracker,

@@ -1,7 +1,7 @@
-"""Loopback ports, polling and a throw-away redis-server: shared by the tests and the benchmarks.
+"""Loopback ports, polling and a throw-away redis-server for the tests.
 
-No pytest here, so the benchmark scripts can import it too; tests/conftest.py adds the
-skip-outside-CI / fail-in-CI policy on top.
+No pytest here; tests/conftest.py adds the skip-outside-CI / fail-in-CI policy on top. The benchmark
+scripts have their own copy (benchmarks/bench_servers.py) so that they never import the test suite.
 """
 
 from __future__ import annotations

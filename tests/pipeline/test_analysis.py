@@ -8,8 +8,8 @@ from pipeline.analysis import CameraAnalyzer
 from pipeline.config import EventsConfig, TrackerConfig
 from pipeline.detection import FaceDetection
 from pipeline.events import EventPublisher
+from pipeline.frames import VideoFrame
 from pipeline.metrics import PipelineMetrics
-from pipeline.sources import VideoFrame
 from tests.pipeline.events.helpers import MemorySink, sample
 
 CLASSES = ("happy", "neutral", "sad")

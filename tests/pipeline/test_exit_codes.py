@@ -1,7 +1,7 @@
 """Which camera outcomes and event losses make which exit status."""
 
 from pipeline.exit_codes import ExitCode, run_exit_code
-from pipeline.sources import SourceStatus, StreamState
+from pipeline.frames import SourceStatus, StreamState
 
 
 def status(state: StreamState, frames_decoded: int = 0, last_error: str | None = None) -> SourceStatus:

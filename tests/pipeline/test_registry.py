@@ -18,8 +18,8 @@ import pytest
 import redis
 
 from pipeline.config import SourceConfig
+from pipeline.frames import SourceStatus, StreamState
 from pipeline.registry import AddOutcome, CameraRegistry, ReconcilePlan, ShardWorker, plan_reconcile, status_to_dict
-from pipeline.sources import SourceStatus, StreamState
 from tests.conftest import RedisServer
 
 PREFIX = "test"

@@ -13,9 +13,9 @@ from pipeline.analysis import CameraAnalyzer
 from pipeline.config import MTCNNConfig, PipelineConfig, SourceConfig, parse_config
 from pipeline.detection import FaceDetection, build_detector
 from pipeline.events import EventPublisher, ExpressionEvent, stream_key, validate_event_dict
+from pipeline.frames import VideoFrame
 from pipeline.metrics import PipelineMetrics
 from pipeline.runner import ModelStages, StreamPipeline
-from pipeline.sources import VideoFrame
 from tests.media import encode_test_clip
 from tests.pipeline.conftest import make_metadata
 from tests.pipeline.events.helpers import MemorySink

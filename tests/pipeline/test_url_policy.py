@@ -1,5 +1,5 @@
-"""The source URL policy: every bypass from issue 11, each spelling of a metadata address, and the
-FFmpeg protocol whitelist per scheme."""
+"""The source URL policy: every bypass from issue 11, each spelling of a metadata address, the
+FFmpeg protocol whitelist per scheme, and URLs shown without their credentials."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from pipeline.url_policy import (
     is_link_local_or_metadata,
     local_path,
     protocol_whitelist,
+    redact_url,
+    scrub_credentials,
+    url_secrets,
 )
 
 BOTH_ORIGINS = pytest.mark.parametrize("origin", list(UrlOrigin))
@@ -222,3 +225,56 @@ def test_pipeline_config_applies_the_link_local_policy_to_its_cameras() -> None:
 def test_config_bare_paths_need_no_allowed_file_dirs(tmp_path: Path) -> None:
     config = parse_config(PipelineConfig, {"cameras": [{"camera_id": "f", "url": str(tmp_path / "a.mp4")}]}, "pipeline.yaml")
     assert config.url_policy.allowed_file_dirs == ()
+
+
+# -- showing URLs without their credentials ---------------------------------------------------
+
+
+def test_redact_url_hides_passwords():
+    assert redact_url("rtsp://admin:secret@10.0.0.5:554/h264") == "rtsp://admin:***@10.0.0.5:554/h264"
+    assert redact_url("rtsp://10.0.0.5/h264") == "rtsp://10.0.0.5/h264"
+    assert redact_url("rtsps://u:p@[fe80::1]:322/s") == "rtsps://u:***@[fe80::1]:322/s"
+    assert redact_url("/videos/a.mp4") == "/videos/a.mp4"
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("rtsp://10.0.0.5/h264?pwd=hunter2", "rtsp://10.0.0.5/h264?pwd=***"),
+        ("rtsp://10.0.0.5/live?user=admin&PASSWORD=x&channel=1", "rtsp://10.0.0.5/live?user=admin&PASSWORD=***&channel=1"),
+        ("https://cdn/x.m3u8?token=abc&Signature=s&Key-Pair-Id=k", "https://cdn/x.m3u8?token=***&Signature=***&Key-Pair-Id=k"),
+        (
+            "https://cdn/x.m3u8?X-Amz-Signature=s&X-Amz-Credential=c&X-Amz-Date=d",
+            "https://cdn/x.m3u8?X-Amz-Signature=***&X-Amz-Credential=***&X-Amz-Date=d",
+        ),
+        (
+            "http://h/v?sig=1&auth=2&pass=3&secret=4&key=5&api_key=6&access_token=7",
+            "http://h/v?sig=***&auth=***&pass=***&secret=***&key=***&api_key=***&access_token=***",
+        ),
+        ("rtsp://u:p@h/s?Pwd=x", "rtsp://u:***@h/s?Pwd=***"),
+        ("rtsp://h/s?pass%77ord=x", "rtsp://h/s?pass%77ord=***"),  # percent-encoded names too
+        ("rtsp://h/s?flag&fps=5", "rtsp://h/s?flag&fps=5"),
+    ],
+)
+def test_redact_url_hides_secret_query_parameters(url, redacted):
+    assert redact_url(url) == redacted
+
+
+def test_redact_url_hides_a_user_part_without_a_password():
+    # https://<token>@host/ puts a credential where a user name goes.
+    assert redact_url("https://ghp_0123456789abcdef@cdn.example/live.m3u8") == "https://***@cdn.example/live.m3u8"
+
+
+def test_url_secrets_and_scrub_credentials():
+    url = "rtsp://admin:p%40ss@10.0.0.5/live?channel=1&token=abc%2Fdef"
+    assert url_secrets(url) == ["abc%2Fdef", "abc/def", "p%40ss", "p@ss"]
+    message = f"open failed for {url}; server said: bad password p@ss, token abc/def; channel=1"
+    scrubbed = scrub_credentials(message, url)
+    assert "p@ss" not in scrubbed and "p%40ss" not in scrubbed and "abc/def" not in scrubbed and "abc%2Fdef" not in scrubbed
+    assert "rtsp://admin:***@10.0.0.5/live?channel=1&token=***" in scrubbed and "channel=1" in scrubbed
+    assert scrub_credentials("no answer within 3s", "rtsp://10.0.0.5/live") == "no answer within 3s"
+    assert scrub_credentials("x rtsp://u:pw@[bad/x y", "rtsp://u:pw@[bad/x") == "x <unparsable URL> y"
+
+
+def test_redact_url_never_raises_on_a_malformed_url():
+    assert redact_url("rtsp://admin:secret@[bad/x") == "<unparsable URL>"

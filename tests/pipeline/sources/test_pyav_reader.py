@@ -1,4 +1,6 @@
-"""CameraSource against real PyAV decoding: synthetic clips, damaged files and misbehaving servers."""
+"""CameraSource with the PyAV reader against real decoding: synthetic clips, damaged files and misbehaving servers.
+
+The camera's own logic with a reader that needs no video library is in test_camera.py."""
 
 from __future__ import annotations
 
@@ -16,102 +18,21 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import BackoffConfig, SourceConfig
+from pipeline.config import SourceConfig
+from pipeline.frames import StreamState, VideoFrame
 from pipeline.metrics import PipelineMetrics
-from pipeline.sources import (
-    CameraSource,
-    StreamState,
-    VideoFrame,
-    _FpsLimiter,
-    _Timeline,
-    local_path,
-    redact_url,
-    scrub_credentials,
-    url_secrets,
-)
+from pipeline.sources.camera import CameraSource
+from pipeline.sources.pyav_reader import PyAVFrameReader
+from pipeline.url_policy import local_path
 from tests.conftest import free_port
 from tests.media import encode_test_clip, read_marker
-
-FAST_BACKOFF = BackoffConfig(initial_s=0.01, max_s=0.05, multiplier=2.0, jitter=0.2)
-
-
-def make_config(url: Path | str, **overrides: Any) -> SourceConfig:
-    """Offline-style defaults: every frame, no pacing, quick failure handling."""
-    values: dict[str, Any] = {
-        "camera_id": "cam",
-        "url": str(url),
-        "target_fps": None,
-        "realtime": False,
-        "open_timeout_s": 2.0,
-        "watchdog_timeout_s": 1.0,
-        "reconnect": FAST_BACKOFF,
-    }
-    values.update(overrides)
-    return SourceConfig(**values)
-
-
-def sample(metrics: PipelineMetrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(f"ferstream_{name}", {"camera": "cam", **labels})
-    return value or 0.0
-
-
-def drain(source: CameraSource, timeout_s: float = 15.0) -> list[VideoFrame]:
-    """Read until the source is finished."""
-    frames: list[VideoFrame] = []
-    deadline = time.monotonic() + timeout_s
-    while not source.finished:
-        assert time.monotonic() < deadline, f"source did not finish: {source.status()}"
-        frame = source.read(timeout=0.5)
-        if frame is not None:
-            frames.append(frame)
-    return frames
-
-
-def wait_until(predicate: Any, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def assert_accounted(source: CameraSource, metrics: PipelineMetrics) -> None:
-    """Every decoded frame was either handed out or dropped for a reason."""
-    decoded = sample(metrics, "frames_decoded_total")
-    processed = sample(metrics, "frames_processed_total")
-    dropped = sample(metrics, "frames_dropped_total", reason="stale") + sample(metrics, "frames_dropped_total", reason="fps_limit")
-    assert decoded == processed + dropped
-    assert source.status().frames_decoded == decoded
-    assert source.status().frames_dropped == dropped
-
-
-def source_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name.startswith("ferstream-source-")]
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads() -> Iterator[None]:
-    yield
-    wait_until(lambda: not source_threads(), timeout_s=5.0, what="decode threads to exit")
-
-
-@pytest.fixture
-def metrics() -> PipelineMetrics:
-    return PipelineMetrics()
-
-
-@pytest.fixture
-def sources() -> Iterator[list[CameraSource]]:
-    """Sources created by a test; stopped at teardown even when the test fails."""
-    created: list[CameraSource] = []
-    yield created
-    for source in created:
-        source.stop()
+from tests.pipeline.sources.helpers import assert_accounted, drain, make_config, sample, source_threads, wait_until
 
 
 @pytest.fixture
 def start(metrics: PipelineMetrics, sources: list[CameraSource]) -> Any:
     def _start(config: SourceConfig, metrics_: PipelineMetrics | None = None) -> CameraSource:
-        source = CameraSource(config, metrics_ or metrics, rng=random.Random(7))
+        source = CameraSource(config, metrics_ or metrics, reader=PyAVFrameReader(), rng=random.Random(7))
         sources.append(source)
         source.start()
         return source
@@ -375,7 +296,8 @@ def test_ffmpeg_options_follow_protocol_and_transport(metrics):
         ("file:///videos/a.mp4", {}),
     ]
     for url, extra in cases:
-        source = CameraSource(make_config(url, max_reconnects=0, open_timeout_s=3, watchdog_timeout_s=4, **extra), metrics, opener=opener)
+        config = make_config(url, max_reconnects=0, open_timeout_s=3, watchdog_timeout_s=4, **extra)
+        source = CameraSource(config, metrics, reader=PyAVFrameReader(opener=opener))
         source.start()
         wait_until(lambda source=source: source.finished, what="FAILED")
         source.stop()
@@ -531,7 +453,7 @@ def test_stop_during_a_stalled_network_read_returns_within_the_timeout(metrics, 
 
 
 def test_stop_before_start_is_allowed(metrics):
-    source = CameraSource(make_config("/nowhere.mp4"), metrics)
+    source = CameraSource(make_config("/nowhere.mp4"), metrics, reader=PyAVFrameReader())
     source.stop()
     assert source.finished and source.read(timeout=0.01) is None
 
@@ -562,72 +484,3 @@ def test_shared_clips_decode_completely(shared_clips, metrics, start):
         assert steps == pytest.approx([1 / 12.5] * len(steps))
         assert source.status().state == StreamState.ENDED
     assert counts == expected
-
-
-# ------------------------------------------------------------------------------------- internals
-
-
-def test_fps_limiter_keeps_the_target_rate_on_an_uneven_source():
-    limiter = _FpsLimiter(5.0)
-    admitted = [i for i in range(125) if limiter.admit(i / 12.5)]  # 10 s of a 12.5 fps camera
-    assert len(admitted) == 50
-    assert _FpsLimiter(None).admit(0.0) and _FpsLimiter(30.0).admit(0.0)
-
-
-def test_timeline_repairs_backwards_and_missing_pts():
-    timeline = _Timeline()
-    raw = [0.0, 0.04, 0.08, 0.06, 0.10, None, 5.0, 0.0, 0.04]
-    out = [timeline.next(value, 0.04, wall=i) for i, value in enumerate(raw)]
-    assert all(b > a for a, b in pairwise(out))
-    timeline.new_segment(use_wall_gap=False)  # a reopened file starts at 0 again
-    assert timeline.next(0.0, 0.04, wall=20) == pytest.approx(out[-1] + 0.04)
-
-
-def test_redact_url_hides_passwords():
-    assert redact_url("rtsp://admin:secret@10.0.0.5:554/h264") == "rtsp://admin:***@10.0.0.5:554/h264"
-    assert redact_url("rtsp://10.0.0.5/h264") == "rtsp://10.0.0.5/h264"
-    assert redact_url("rtsps://u:p@[fe80::1]:322/s") == "rtsps://u:***@[fe80::1]:322/s"
-    assert redact_url("/videos/a.mp4") == "/videos/a.mp4"
-
-
-@pytest.mark.parametrize(
-    ("url", "redacted"),
-    [
-        ("rtsp://10.0.0.5/h264?pwd=hunter2", "rtsp://10.0.0.5/h264?pwd=***"),
-        ("rtsp://10.0.0.5/live?user=admin&PASSWORD=x&channel=1", "rtsp://10.0.0.5/live?user=admin&PASSWORD=***&channel=1"),
-        ("https://cdn/x.m3u8?token=abc&Signature=s&Key-Pair-Id=k", "https://cdn/x.m3u8?token=***&Signature=***&Key-Pair-Id=k"),
-        (
-            "https://cdn/x.m3u8?X-Amz-Signature=s&X-Amz-Credential=c&X-Amz-Date=d",
-            "https://cdn/x.m3u8?X-Amz-Signature=***&X-Amz-Credential=***&X-Amz-Date=d",
-        ),
-        (
-            "http://h/v?sig=1&auth=2&pass=3&secret=4&key=5&api_key=6&access_token=7",
-            "http://h/v?sig=***&auth=***&pass=***&secret=***&key=***&api_key=***&access_token=***",
-        ),
-        ("rtsp://u:p@h/s?Pwd=x", "rtsp://u:***@h/s?Pwd=***"),
-        ("rtsp://h/s?pass%77ord=x", "rtsp://h/s?pass%77ord=***"),  # percent-encoded names too
-        ("rtsp://h/s?flag&fps=5", "rtsp://h/s?flag&fps=5"),
-    ],
-)
-def test_redact_url_hides_secret_query_parameters(url, redacted):
-    assert redact_url(url) == redacted
-
-
-def test_redact_url_hides_a_user_part_without_a_password():
-    # https://<token>@host/ puts a credential where a user name goes.
-    assert redact_url("https://ghp_0123456789abcdef@cdn.example/live.m3u8") == "https://***@cdn.example/live.m3u8"
-
-
-def test_url_secrets_and_scrub_credentials():
-    url = "rtsp://admin:p%40ss@10.0.0.5/live?channel=1&token=abc%2Fdef"
-    assert url_secrets(url) == ["abc%2Fdef", "abc/def", "p%40ss", "p@ss"]
-    message = f"open failed for {url}; server said: bad password p@ss, token abc/def; channel=1"
-    scrubbed = scrub_credentials(message, url)
-    assert "p@ss" not in scrubbed and "p%40ss" not in scrubbed and "abc/def" not in scrubbed and "abc%2Fdef" not in scrubbed
-    assert "rtsp://admin:***@10.0.0.5/live?channel=1&token=***" in scrubbed and "channel=1" in scrubbed
-    assert scrub_credentials("no answer within 3s", "rtsp://10.0.0.5/live") == "no answer within 3s"
-    assert scrub_credentials("x rtsp://u:pw@[bad/x y", "rtsp://u:pw@[bad/x") == "x <unparsable URL> y"
-
-
-def test_redact_url_never_raises_on_a_malformed_url():
-    assert redact_url("rtsp://admin:secret@[bad/x") == "<unparsable URL>"
