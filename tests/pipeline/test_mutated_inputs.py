@@ -21,9 +21,11 @@ import redis
 
 from pipeline.config import PipelineConfig, SourceConfig, parse_config
 from pipeline.events import EventPublisher, ExpressionEvent, stream_key
+from pipeline.frames import SourceStatus, StreamState, VideoFrame
 from pipeline.metrics import PipelineMetrics
 from pipeline.runner import ModelStages, StreamPipeline
-from pipeline.sources import CameraSource, SourceStatus, StreamState, VideoFrame
+from pipeline.sources.camera import CameraSource
+from pipeline.sources.readers import frame_reader_for
 from tests.media import encode_test_clip
 from tests.mutated_media import audio_only, bit_flips, empty_sample_table, encode_clip, truncation
 from tests.pipeline.events.helpers import MemorySink
@@ -94,7 +96,8 @@ def test_a_thousand_mutated_files_through_the_source_and_the_models(models: Mode
         path.write_bytes(data)
         # A registry per variant: reading one with a thousand cameras' series would cost more than decoding.
         source_metrics = PipelineMetrics()
-        source = CameraSource(parse_config(SourceConfig, file_camera("variant", path), "variant"), source_metrics)
+        camera = parse_config(SourceConfig, file_camera("variant", path), "variant")
+        source = CameraSource(camera, source_metrics, reader=frame_reader_for(camera.url))
         source.start()
         frames = list(drain(source))
         source.stop()
@@ -132,7 +135,8 @@ def test_a_file_with_a_video_stream_and_no_frame_is_counted_on_its_camera(tmp_pa
     path = tmp_path / "no-samples.mp4"
     path.write_bytes(empty_sample_table(encode_test_clip(tmp_path / "clip.mp4", frames=6, gop=3).read_bytes()))
     metrics = PipelineMetrics()
-    source = CameraSource(parse_config(SourceConfig, file_camera("empty", path), "empty"), metrics)
+    camera = parse_config(SourceConfig, file_camera("empty", path), "empty")
+    source = CameraSource(camera, metrics, reader=frame_reader_for(camera.url))
     source.start()
     assert list(drain(source)) == []
     source.stop()
