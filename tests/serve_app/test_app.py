@@ -284,9 +284,9 @@ def test_absolute_file_url_leaves_absolute_paths_and_urls_alone(url: str) -> Non
 
 def test_stream_request_maps_to_a_source_config() -> None:
     request = StreamRequest(
-        id="lobby",
+        camera_id="lobby",
         url="rtsp://cam/stream",
-        fps=2.5,
+        target_fps=2.5,
         transport="udp",
         loop=True,
         options={"watchdog_timeout_s": 3, "reconnect": {"initial_s": 0.2, "max_s": 1}},
@@ -302,15 +302,37 @@ def test_stream_request_maps_to_a_source_config() -> None:
     assert camera.watchdog_timeout_s == 3 and camera.reconnect.initial_s == 0.2 and camera.reconnect.max_s == 1
 
 
-def test_stream_request_defaults() -> None:
-    camera = StreamRequest(id="lobby", url="rtsp://cam/stream").to_source_config()
-    assert (camera.target_fps, camera.transport, camera.loop) == (5.0, "tcp", False)
-    assert StreamRequest(id="all", url="rtsp://cam/stream", fps=None).to_source_config().target_fps is None
+def test_stream_request_defaults_are_source_configs() -> None:
+    camera = StreamRequest(camera_id="lobby", url="rtsp://cam/stream").to_source_config()
+    assert camera == SourceConfig(camera_id="lobby", url="rtsp://cam/stream")
+    # The API's documented default rate (README: 5 frames a second) is SourceConfig's.
+    assert camera.target_fps == 5.0 and (camera.transport, camera.loop) == ("tcp", False)
+    assert StreamRequest(camera_id="all", url="rtsp://cam/stream", target_fps=None).to_source_config().target_fps is None
+
+
+def test_stream_request_top_level_fields_are_source_config_fields() -> None:
+    top_level = set(StreamRequest.model_fields) - {"options"}
+    for name in top_level:
+        request_field, source_field = StreamRequest.model_fields[name], SourceConfig.model_fields[name]
+        assert request_field.annotation == source_field.annotation, name
+        assert request_field.get_default() == source_field.get_default(), name
+        assert request_field.metadata == source_field.metadata, name
+
+
+def test_stream_request_accepts_the_old_names_for_one_release() -> None:
+    camera = StreamRequest.model_validate({"id": "lobby", "url": "rtsp://cam/stream", "fps": 2}).to_source_config()
+    assert (camera.camera_id, camera.target_fps) == ("lobby", 2)
+
+
+@pytest.mark.parametrize("body", [{"id": "a", "camera_id": "a"}, {"camera_id": "a", "fps": 1, "target_fps": 1}])
+def test_stream_request_refuses_a_field_under_both_names(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="both given"):
+        StreamRequest.model_validate({"url": "rtsp://cam/stream", **body})
 
 
 def test_the_preview_is_off_unless_a_stream_asks_for_it() -> None:
-    assert StreamRequest(id="lobby", url="rtsp://cam/stream").to_source_config().preview is False
-    assert StreamRequest(id="lobby", url="rtsp://cam/stream", options={"preview": True}).to_source_config().preview is True
+    assert StreamRequest(camera_id="lobby", url="rtsp://cam/stream").to_source_config().preview is False
+    assert StreamRequest(camera_id="lobby", url="rtsp://cam/stream", options={"preview": True}).to_source_config().preview is True
 
 
 def test_one_event_speaks_for_a_frame_interval_or_for_a_heartbeat_on_the_live_page() -> None:
@@ -321,17 +343,28 @@ def test_one_event_speaks_for_a_frame_interval_or_for_a_heartbeat_on_the_live_pa
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"fps": -1}, "target_fps"),
-        ({"fps": 0}, "target_fps"),
+        ({"target_fps": -1}, "target_fps"),
+        ({"fps": 0}, "fps"),  # the error names the field as it was sent
         ({"transport": "sctp"}, "transport"),
-        ({"id": "has space"}, "camera_id"),
+        ({"camera_id": "has space"}, "camera_id"),
+    ],
+)
+def test_a_bad_top_level_field_is_refused_by_the_request_model(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        StreamRequest.model_validate({"camera_id": "lobby", "url": "rtsp://cam/stream", **body})
+    assert [problem["loc"] for problem in raised.value.errors()] == [(field,)]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
         ({"url": "ftp://host/video"}, "url"),
         ({"options": {"nonsense": 1}}, "nonsense"),
         ({"options": {"reconnect": {"initial_s": -1}}}, "reconnect.initial_s"),
     ],
 )
 def test_a_bad_stream_request_names_the_field(body: dict[str, Any], field: str) -> None:
-    request = StreamRequest.model_validate({"id": "lobby", "url": "rtsp://cam/stream", **body})
+    request = StreamRequest.model_validate({"camera_id": "lobby", "url": "rtsp://cam/stream", **body})
     with pytest.raises(ConfigError) as raised:
         request.to_source_config()
     assert f"stream: {field}:" in str(raised.value)
@@ -339,7 +372,7 @@ def test_a_bad_stream_request_names_the_field(body: dict[str, Any], field: str) 
 
 def test_stream_request_rejects_unknown_top_level_fields() -> None:
     with pytest.raises(ValidationError):
-        StreamRequest.model_validate({"id": "lobby", "url": "rtsp://cam/stream", "target_fps": 2})
+        StreamRequest.model_validate({"camera_id": "lobby", "url": "rtsp://cam/stream", "max_fps": 2})
 
 
 # -- batching user_config -------------------------------------------------------------------------
@@ -603,7 +636,7 @@ def test_pipeline_metrics_construct_with_the_real_ray_classes() -> None:
 
 
 def test_stream_request_options_cannot_override_the_top_level_fields() -> None:
-    request = StreamRequest(id="door", url="rtsp://cam/1", options={"url": "rtsp://other/2", "loop": True})
+    request = StreamRequest(camera_id="door", url="rtsp://cam/1", options={"url": "rtsp://other/2", "loop": True})
     with pytest.raises(ConfigError, match="loop, url must be given as the top-level field"):
         request.to_source_config()
 
