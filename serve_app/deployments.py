@@ -61,15 +61,26 @@ def load_pipeline_config(data: dict[str, Any], origin: str) -> PipelineConfig:
 
 
 class BatchingOptions(BaseModel):
-    """The ``user_config`` of the model deployments: tunable without a redeploy."""
+    """The ``user_config`` of the model deployments: tunable without a redeploy. Each deployment's
+    defaults are its ``*_BATCHING`` constant below, which its ``@serve.batch`` decorator uses too."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    max_batch_size: int = Field(8, ge=1, le=4096)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    max_batch_size: int = Field(ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(ge=0, le=10)
 
 
-def reconfigure_batching(method: Any, batch_wait: BusyAwareBatchWait, user_config: dict[str, Any], deployment: str) -> None:
-    options = parse_config(BatchingOptions, user_config, f"{deployment}.user_config")
+# The defaults, one home per deployment: the values configs/serve-cpu.yaml has run with, which it
+# states (tests/serve_app/test_app.py checks both); serve-gpu.yaml batches more. Frames come one per
+# camera per tick, crops every face of a frame at once: the classifier's batches are the larger.
+DETECTOR_BATCHING = BatchingOptions(max_batch_size=4, batch_wait_timeout_s=0.01)
+CLASSIFIER_BATCHING = BatchingOptions(max_batch_size=64, batch_wait_timeout_s=0.005)
+
+
+def reconfigure_batching(
+    method: Any, batch_wait: BusyAwareBatchWait, user_config: dict[str, Any], deployment: str, defaults: BatchingOptions
+) -> None:
+    """Apply a deployment's ``user_config``; a key it leaves out keeps that deployment's default."""
+    options = parse_config(BatchingOptions, {**defaults.model_dump(), **user_config}, f"{deployment}.user_config")
     method.set_max_batch_size(options.max_batch_size)
     batch_wait.base_wait_s = options.batch_wait_timeout_s
     method.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
@@ -138,15 +149,15 @@ class FaceDetectorDeployment:
 
         warm_up_detector(self.detector, pipeline_config.detector.detection_size)  # before the first camera frame
         self.metrics = replica_metrics()
-        self.batch_wait = BusyAwareBatchWait(BatchingOptions().batch_wait_timeout_s)
+        self.batch_wait = BusyAwareBatchWait(DETECTOR_BATCHING.batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        reconfigure_batching(self.detect_batch, self.batch_wait, user_config, "FaceDetector")
+        reconfigure_batching(self.detect_batch, self.batch_wait, user_config, "FaceDetector", DETECTOR_BATCHING)
 
     async def detect(self, image: np.ndarray) -> list[FaceDetection]:
         return item_result(await submit(self.detect_batch, self.batch_wait, image))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=DETECTOR_BATCHING.max_batch_size, batch_wait_timeout_s=DETECTOR_BATCHING.batch_wait_timeout_s)
     async def detect_batch(self, images: list[np.ndarray]) -> list[list[FaceDetection] | UnitFailure[np.ndarray]]:
         return await run_batch(per_item(self.detector.detect_batch), images, self.batch_wait, self.metrics, "detect")
 
@@ -160,10 +171,10 @@ class ExpressionClassifierDeployment:
 
         warm_up_classifier(self.classifier)  # before the first face
         self.metrics = replica_metrics()
-        self.batch_wait = BusyAwareBatchWait(BatchingOptions().batch_wait_timeout_s)
+        self.batch_wait = BusyAwareBatchWait(CLASSIFIER_BATCHING.batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        reconfigure_batching(self.classify_batch, self.batch_wait, user_config, "ExpressionClassifier")
+        reconfigure_batching(self.classify_batch, self.batch_wait, user_config, "ExpressionClassifier", CLASSIFIER_BATCHING)
 
     def metadata(self) -> ModelMetadata:
         return self.classifier.metadata
@@ -171,7 +182,7 @@ class ExpressionClassifierDeployment:
     async def classify(self, crop: np.ndarray) -> np.ndarray:
         return item_result(await submit(self.classify_batch, self.batch_wait, crop))
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=CLASSIFIER_BATCHING.max_batch_size, batch_wait_timeout_s=CLASSIFIER_BATCHING.batch_wait_timeout_s)
     async def classify_batch(self, crops: list[np.ndarray]) -> list[np.ndarray | UnitFailure[np.ndarray]]:
         return await run_batch(per_item(self.classifier.predict), crops, self.batch_wait, self.metrics, "classify")
 

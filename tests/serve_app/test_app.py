@@ -34,6 +34,8 @@ from pipeline.metrics import BATCH_BUCKETS, PipelineMetrics
 from serve_app.api import StreamRequest
 from serve_app.app import REPO_ROOT, absolute_file_url, build_app, load_cameras, resolve_path
 from serve_app.deployments import (
+    CLASSIFIER_BATCHING,
+    DETECTOR_BATCHING,
     BatchingOptions,
     ControllerDeployment,
     ExpressionClassifierDeployment,
@@ -391,16 +393,49 @@ class FakeBatchMethod:
 
 def test_reconfigure_batching_sets_both_options() -> None:
     method, batch_wait = FakeBatchMethod(), BusyAwareBatchWait(0.5)
-    reconfigure_batching(method, batch_wait, {"max_batch_size": 32}, "FaceDetector")
+    reconfigure_batching(method, batch_wait, {"max_batch_size": 32}, "FaceDetector", DETECTOR_BATCHING)
     assert method.calls == [("max_batch_size", 32), ("batch_wait_timeout_s", 0.01)]
     assert batch_wait.base_wait_s == 0.01  # the idle wait follows user_config too
+
+
+def test_a_key_left_out_of_user_config_keeps_that_deployments_default() -> None:
+    # The classifier's wait is 0.005 s: a user_config giving only max_batch_size must not get the detector's 0.01 s.
+    method, batch_wait = FakeBatchMethod(), BusyAwareBatchWait(0.5)
+    reconfigure_batching(method, batch_wait, {"max_batch_size": 128}, "ExpressionClassifier", CLASSIFIER_BATCHING)
+    assert method.calls == [("max_batch_size", 128), ("batch_wait_timeout_s", CLASSIFIER_BATCHING.batch_wait_timeout_s)]
+    assert CLASSIFIER_BATCHING.batch_wait_timeout_s != DETECTOR_BATCHING.batch_wait_timeout_s
+
+
+@pytest.mark.parametrize(
+    ("method", "defaults"),
+    [
+        (FaceDetectorDeployment.func_or_class.detect_batch, DETECTOR_BATCHING),
+        (ExpressionClassifierDeployment.func_or_class.classify_batch, CLASSIFIER_BATCHING),
+    ],
+)
+def test_the_serve_batch_decorators_start_from_the_deployments_defaults(method: Any, defaults: BatchingOptions) -> None:
+    # Ray's batch wrapper has no public getters; these private ones read what @serve.batch was given.
+    assert (method._get_max_batch_size(), method._get_batch_wait_timeout_s()) == (defaults.max_batch_size, defaults.batch_wait_timeout_s)
+
+
+def test_the_cpu_serve_config_states_the_deployments_defaults() -> None:
+    config = deployments(load_serve_config("configs/serve-cpu.yaml"))
+    assert BatchingOptions.model_validate(config["FaceDetector"]["user_config"]) == DETECTOR_BATCHING
+    assert BatchingOptions.model_validate(config["ExpressionClassifier"]["user_config"]) == CLASSIFIER_BATCHING
+
+
+def test_the_gpu_serve_config_batches_more_than_the_cpu_defaults() -> None:
+    config = deployments(load_serve_config("configs/serve-gpu.yaml"))
+    for name, defaults in (("FaceDetector", DETECTOR_BATCHING), ("ExpressionClassifier", CLASSIFIER_BATCHING)):
+        gpu = BatchingOptions.model_validate(config[name]["user_config"])
+        assert gpu.max_batch_size > defaults.max_batch_size and gpu.batch_wait_timeout_s == defaults.batch_wait_timeout_s, name
 
 
 @pytest.mark.parametrize("user_config", [{"max_batch_size": 0}, {"batch_wait_timeout_s": -1}, {"max_batch": 8}])
 def test_reconfigure_batching_rejects_bad_user_config(user_config: dict[str, Any]) -> None:
     method, batch_wait = FakeBatchMethod(), BusyAwareBatchWait(0.5)
     with pytest.raises(ConfigError, match=r"FaceDetector\.user_config: "):
-        reconfigure_batching(method, batch_wait, user_config, "FaceDetector")
+        reconfigure_batching(method, batch_wait, user_config, "FaceDetector", DETECTOR_BATCHING)
     assert method.calls == [] and batch_wait.base_wait_s == 0.5
 
 
@@ -672,4 +707,4 @@ def test_build_app_refuses_more_cameras_than_max_cameras(tmp_path: Path) -> None
 @pytest.mark.parametrize("user_config", [{"batch_wait_timeout_s": float("inf")}, {"batch_wait_timeout_s": float("nan")}])
 def test_batching_options_refuse_non_finite_numbers(user_config: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"FaceDetector\.user_config: batch_wait_timeout_s: .*finite"):
-        reconfigure_batching(FakeBatchMethod(), BusyAwareBatchWait(0.5), user_config, "FaceDetector")
+        reconfigure_batching(FakeBatchMethod(), BusyAwareBatchWait(0.5), user_config, "FaceDetector", DETECTOR_BATCHING)
