@@ -29,7 +29,6 @@ from ray.serve.handle import DeploymentHandle
 
 from pipeline.analysis import CameraAnalyzer
 from pipeline.auth import ApiTokens, check_exposure
-from pipeline.batching import BusyAwareBatchWait
 from pipeline.checkpoint import ModelMetadata
 from pipeline.classification import ExpressionClassifier, crop_faces
 from pipeline.config import PipelineConfig, SourceConfig, apply_environment, parse_config
@@ -43,6 +42,7 @@ from pipeline.preview import PreviewStore, PreviewWriter
 from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
 from pipeline.sources import CameraSource
 from serve_app.api import OPEN_PATHS, StreamController, build_api
+from serve_app.batching import BusyAwareBatchWait
 from serve_app.live_routes import PAGE_PATHS, PAGE_PREFIXES, live_hold_s, live_page_router
 
 log = logging.getLogger("ferstream.serve")
@@ -88,7 +88,7 @@ def reconfigure_batching(
 
 async def submit(method: Any, batch_wait: BusyAwareBatchWait, item: np.ndarray) -> Any:
     """Queue one item for a ``@serve.batch`` method, first setting the wait of the batch it may
-    open: the model's remaining busy time, so batches fill while a call runs (pipeline.batching)."""
+    open: the model's remaining busy time, so batches fill while a call runs (serve_app.batching)."""
     method.set_batch_wait_timeout_s(batch_wait.wait_timeout(time.perf_counter()))
     return await method(item)
 

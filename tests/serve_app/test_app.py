@@ -28,11 +28,11 @@ from ray.serve.schema import (
 )
 
 import serve_app.metrics as serve_metrics
-from pipeline.batching import BusyAwareBatchWait
 from pipeline.config import ConfigError, EventsConfig, PipelineConfig, SourceConfig, load_config
 from pipeline.metrics import BATCH_BUCKETS, PipelineMetrics
 from serve_app.api import StreamRequest
 from serve_app.app import REPO_ROOT, absolute_file_url, build_app, load_cameras, resolve_path
+from serve_app.batching import BusyAwareBatchWait
 from serve_app.deployments import (
     CLASSIFIER_BATCHING,
     DETECTOR_BATCHING,
