@@ -251,7 +251,9 @@ class EventsConfig(StrictModel):
     buffer_max_events: int = Field(10_000, ge=1, le=10_000_000, description="events held while Redis is unreachable")
     retry: BackoffConfig = BackoffConfig(initial_s=0.2, max_s=5.0)
     socket_timeout_s: float = Field(2.0, gt=0, le=MAX_TIMEOUT_S)
-    password: SecretStr | None = Field(None, description="Redis AUTH; prefer the FERSTREAM_REDIS_PASSWORD environment variable")
+    password: SecretStr | None = Field(
+        None, description="Redis AUTH; prefer FERSTREAM_REDIS_PASSWORD, which Serve requires (a password here is refused there)"
+    )
 
     @property
     def password_value(self) -> str | None:

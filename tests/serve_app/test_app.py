@@ -5,6 +5,7 @@ record nowhere without ``ray.init``)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from serve_app.deployments import (
     FaceDetectorDeployment,
     IngestDeployment,
     IngestOptions,
+    load_pipeline_config,
     reconfigure_batching,
     run_batch,
     submit,
@@ -188,11 +190,40 @@ def test_build_app_defaults_and_other_working_directories(tmp_path: Path, monkey
         assert cameras == []
 
 
-def test_build_app_passes_the_password_to_the_replicas(tmp_path: Path) -> None:
+def all_bound_args(app: Application) -> list[Any]:
+    """The bound arguments of every deployment in the graph below ``app``."""
+    found: list[Any] = []
+    for arg in bound_args(app):
+        found.extend(all_bound_args(arg) if isinstance(arg, Application) else [arg])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("events", "field"),
+    [({"password": "s3cret-pw"}, "events.password"), ({"redis_url": "redis://:s3cret-pw@cache:6379/0"}, "events.redis_url")],
+)
+def test_build_app_refuses_a_redis_secret_in_the_pipeline_config(tmp_path: Path, events: dict[str, str], field: str) -> None:
+    # Bound arguments live in Ray's cluster state (GCS, dashboard): no secret may go there.
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(yaml.safe_dump({"events": {"password": "s3cret"}}))
-    config, _cameras, _ingest = bound_args(build_app({"pipeline_config": str(pipeline)}))
-    assert config["events"]["password"] == "s3cret"  # dump_config, not model_dump (which masks it)
+    pipeline.write_text(yaml.safe_dump({"events": events}))
+    with pytest.raises(ConfigError) as raised:
+        build_app({"pipeline_config": str(pipeline)})
+    message = str(raised.value)
+    assert f"{pipeline}: {field}: " in message and "FERSTREAM_REDIS_PASSWORD" in message
+    assert "s3cret-pw" not in message
+
+
+def test_the_redis_secret_reaches_the_replicas_from_their_environment_not_the_app_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FERSTREAM_REDIS_URL", "redis://:url-s3cret@cache:6379/0")
+    monkeypatch.setenv("FERSTREAM_REDIS_PASSWORD", "env-s3cret")
+    app = build_app({"pipeline_config": "configs/pipeline.yaml"})
+    arguments = json.dumps(all_bound_args(app))
+    assert "s3cret" not in arguments
+    config, _cameras, _ingest = bound_args(app)
+    assert config["events"]["password"] is None
+    # What each replica does with its bound config: its own environment adds the secrets.
+    replica = load_pipeline_config(config, "Ingest")
+    assert replica.events.password_value == "env-s3cret" and replica.events.redis_url == "redis://:url-s3cret@cache:6379/0"
 
 
 def test_build_app_merges_config_cameras_and_the_cameras_file(tmp_path: Path) -> None:
