@@ -355,32 +355,49 @@ def load_yaml(path: Path | str) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
 
 
-def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load and validate a pipeline config; ``overrides`` replace top-level sections."""
+def merge_sections(data: dict[str, Any], *overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each of ``overrides`` applied in turn, later ones winning: a mapping is merged
+    into the mapping section of the same name key by key, anything else replaces the section."""
+    merged = dict(data)
+    for override in overrides:
+        for section, value in override.items():
+            current = merged.get(section)
+            merged[section] = {**current, **value} if isinstance(value, dict) and isinstance(current, dict) else value
+    return merged
+
+
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None, origin: str | None = None) -> PipelineConfig:
+    """Load and validate a pipeline config, once, with ``overrides`` applied (``merge_sections``:
+    ``{"events": {"redis_url": ...}}`` keeps the file's other events settings). ``origin`` names
+    where the values came from in errors; default: the file."""
     data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    data.update(overrides or {})
-    return parse_config(PipelineConfig, data, str(path))
+    return parse_config(PipelineConfig, merge_sections(data, overrides or {}), origin or str(path))
 
 
 REDIS_URL_ENV = "FERSTREAM_REDIS_URL"
 REDIS_PASSWORD_ENV = "FERSTREAM_REDIS_PASSWORD"
 
 
-def apply_environment(config: PipelineConfig, environ: dict[str, str] | None = None) -> PipelineConfig:
-    """Deployment settings that do not belong in a file: the Redis URL and its password (a Secret)."""
+def environment_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Deployment settings that do not belong in a file, the Redis URL and its password (a Secret),
+    as overrides for ``load_config``; empty when neither is set."""
     environ = dict(os.environ) if environ is None else environ
     events: dict[str, Any] = {}
     if environ.get(REDIS_URL_ENV):
         events["redis_url"] = environ[REDIS_URL_ENV]
     if environ.get(REDIS_PASSWORD_ENV):
         events["password"] = environ[REDIS_PASSWORD_ENV]
-    if not events:
+    return {"events": events} if events else {}
+
+
+def apply_environment(config: PipelineConfig, environ: dict[str, str] | None = None) -> PipelineConfig:
+    """``config`` with ``environment_overrides`` applied (a config that was handed over, as a Serve replica's)."""
+    overrides = environment_overrides(environ)
+    if not overrides:
         return config
-    data = dump_config(config)
-    data["events"].update(events)
-    return parse_config(PipelineConfig, data, "environment")
+    return parse_config(PipelineConfig, merge_sections(dump_config(config), overrides), "environment")
 
 
 def dump_config(config: PipelineConfig) -> dict[str, Any]:
