@@ -392,14 +392,6 @@ def environment_overrides(environ: dict[str, str] | None = None) -> dict[str, An
     return {"events": events} if events else {}
 
 
-def apply_environment(config: PipelineConfig, environ: dict[str, str] | None = None) -> PipelineConfig:
-    """``config`` with ``environment_overrides`` applied (a config that was handed over, as a Serve replica's)."""
-    overrides = environment_overrides(environ)
-    if not overrides:
-        return config
-    return parse_config(PipelineConfig, merge_sections(dump_config(config), overrides), "environment")
-
-
 def dump_config(config: PipelineConfig) -> dict[str, Any]:
     """A plain, JSON-able dict that ``PipelineConfig.model_validate`` turns back into ``config``,
     secrets included (``model_dump`` masks them), for handing the config to another process."""

@@ -31,7 +31,7 @@ from pipeline.analysis import CameraAnalyzer
 from pipeline.auth import ApiTokens, check_exposure
 from pipeline.checkpoint import ModelMetadata
 from pipeline.classification import ExpressionClassifier, crop_faces
-from pipeline.config import PipelineConfig, SourceConfig, apply_environment, parse_config
+from pipeline.config import PipelineConfig, SourceConfig, environment_overrides, merge_sections, parse_config
 from pipeline.detection import FaceDetection, build_detector, downscale_for_detection, scale_detections
 from pipeline.events import EventPublisher, redis_client
 from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit, describe_error
@@ -57,7 +57,7 @@ MODEL_CALL_TIMEOUT_S = 30.0
 def load_pipeline_config(data: dict[str, Any], origin: str) -> PipelineConfig:
     """Each replica validates the config it was bound with and applies its own environment
     (the Redis URL and password come from the pod, never through the app graph)."""
-    return apply_environment(parse_config(PipelineConfig, data, origin))
+    return parse_config(PipelineConfig, merge_sections(data, environment_overrides()), origin)
 
 
 class BatchingOptions(BaseModel):

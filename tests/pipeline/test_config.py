@@ -11,7 +11,6 @@ from pipeline.config import (
     DetectorConfig,
     PipelineConfig,
     SourceConfig,
-    apply_environment,
     environment_overrides,
     load_config,
     merge_sections,
@@ -168,14 +167,6 @@ def test_the_environment_gives_the_redis_url_and_password():
     environ = {"FERSTREAM_REDIS_URL": "redis://cache:6380/1", "FERSTREAM_REDIS_PASSWORD": "s3cret", "OTHER": "x"}
     assert environment_overrides(environ) == {"events": {"redis_url": "redis://cache:6380/1", "password": "s3cret"}}
     assert environment_overrides({"FERSTREAM_REDIS_URL": ""}) == {}
-    config = PipelineConfig(events={"stream_prefix": "site-a"})
-    applied = apply_environment(config, environ)
-    assert (applied.events.redis_url, applied.events.password_value, applied.events.stream_prefix) == (
-        "redis://cache:6380/1",
-        "s3cret",
-        "site-a",
-    )
-    assert apply_environment(config, {}) is config
 
 
 def test_url_scheme():
