@@ -17,14 +17,13 @@ No ``from __future__ import annotations`` here: FastAPI reads the endpoint annot
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import redis
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
-from pydantic.fields import FieldInfo
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -46,12 +45,13 @@ MAX_BODY_BYTES = 64 * 1024
 OLD_FIELD_NAMES = {"camera_id": "id", "target_fps": "fps"}
 
 
-def source_field(name: str) -> Any:
-    """``SourceConfig``'s field ``name`` (default, bounds, description), also accepted under its old API name."""
-    old_name = OLD_FIELD_NAMES.get(name)
-    return FieldInfo.merge_field_infos(
-        SourceConfig.model_fields[name], validation_alias=AliasChoices(name, old_name) if old_name is not None else None
-    )
+# Each top-level field is SourceConfig's (default, bounds, description): pydantic merges the
+# FieldInfos of an Annotated field, so nothing is restated here.
+SOURCE_FIELDS = SourceConfig.model_fields
+
+
+def also_accepts_old_name(name: str) -> Any:
+    return Field(validation_alias=AliasChoices(name, OLD_FIELD_NAMES[name]))
 
 
 class StreamRequest(BaseModel):
@@ -61,12 +61,12 @@ class StreamRequest(BaseModel):
 
     # allow_inf_nan=False: Python's JSON parser reads Infinity and NaN, which are no setting.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    # The annotations must be SourceConfig's (tests/serve_app/test_app.py checks); the rest comes from it.
-    camera_id: str = source_field("camera_id")
-    url: str = source_field("url")
-    target_fps: float | None = source_field("target_fps")
-    transport: Literal["tcp", "udp"] = source_field("transport")
-    loop: bool = source_field("loop")
+    # The types must be SourceConfig's too (tests/serve_app/test_app.py checks).
+    camera_id: Annotated[str, SOURCE_FIELDS["camera_id"], also_accepts_old_name("camera_id")]
+    url: Annotated[str, SOURCE_FIELDS["url"]]
+    target_fps: Annotated[float | None, SOURCE_FIELDS["target_fps"], also_accepts_old_name("target_fps")]
+    transport: Annotated[Literal["tcp", "udp"], SOURCE_FIELDS["transport"]]
+    loop: Annotated[bool, SOURCE_FIELDS["loop"]]
     options: dict[str, Any] = Field(default_factory=dict, description="any other SourceConfig field, e.g. open_timeout_s")
 
     @model_validator(mode="before")
