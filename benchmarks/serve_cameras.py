@@ -352,7 +352,7 @@ def cpu_usage(
 def stream_statuses(app: ServeApp) -> dict[str, dict[str, Any]]:
     response = requests.get(f"{app.api}/streams", headers=app.headers, timeout=30)
     response.raise_for_status()
-    return {stream["id"]: stream for stream in response.json()}
+    return {stream["camera_id"]: stream for stream in response.json()}
 
 
 def events_between(client: redis.Redis, prefix: str, camera_id: str, start: float, end: float) -> list[ExpressionEvent]:
@@ -396,9 +396,9 @@ def measure_level(
         # `loop` is a top-level field of the API (the app rejects it inside options); realtime
         # pacing is SourceConfig's default for files, stated anyway.
         body = {
-            "id": camera_id,
+            "camera_id": camera_id,
             "url": clip.path.resolve().as_uri(),  # the API takes explicit URLs only
-            "fps": fps if fps is not None else clip.fps,
+            "target_fps": fps if fps is not None else clip.fps,
             "loop": True,
             "options": {"realtime": True},
         }

@@ -12,18 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import (
     REDIS_PASSWORD_ENV,
     REDIS_URL_ENV,
     ConfigError,
     PipelineConfig,
-    SourceConfig,
-    apply_environment,
-    dump_config,
+    environment_overrides,
     load_config,
-    parse_config,
+    merge_sections,
 )
 from pipeline.redis_check import RedisUnreachable, check_redis, redis_address, unreachable
 from pipeline.summary import RunTotals
@@ -38,14 +36,25 @@ log = logging.getLogger("ferstream.cli")
 DEFAULT_SUMMARY_S = 5.0
 
 
-def _run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+def run_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> PipelineConfig:
+    """The config file with the environment's Redis settings and then the command line's on top
+    (a flag given beats the ambient variable), validated once; errors name what was overridden."""
+    environ = dict(os.environ) if environ is None else environ
+    given = [name for name in (REDIS_URL_ENV, REDIS_PASSWORD_ENV) if environ.get(name)]
+    command_line: dict[str, Any] = {}
     if args.source:
-        camera = {"camera_id": args.camera_id, "url": args.source, "loop": args.loop}
-        config = config.model_copy(update={"cameras": [parse_config(SourceConfig, camera, "--source")]})
+        command_line["cameras"] = [{"camera_id": args.camera_id, "url": args.source, "loop": args.loop}]
+        given.append("--source")
     if args.redis_url:
-        config = config.model_copy(update={"events": config.events.model_copy(update={"redis_url": args.redis_url})})
-    config = apply_environment(parse_config(PipelineConfig, dump_config(config), str(args.config)))  # re-validate the overrides
+        command_line["events"] = {"redis_url": args.redis_url}
+        given.append("--redis-url")
+    overrides = merge_sections(environment_overrides(environ), command_line)
+    origin = f"{args.config} with {', '.join(given)}" if given else str(args.config)
+    return load_config(args.config, overrides=overrides, origin=origin)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = run_config(args)
     if not config.cameras:
         raise ConfigError(f"{args.config}: cameras: at least one camera is needed (or pass --source)")
     if config.events.sink.kind == "redis" and not args.start_without_redis:

@@ -276,7 +276,9 @@ class EventsConfig(StrictModel):
     buffer_max_events: int = Field(10_000, ge=1, le=10_000_000, description="events held while Redis is unreachable")
     retry: BackoffConfig = BackoffConfig(initial_s=0.2, max_s=5.0)
     socket_timeout_s: float = Field(2.0, gt=0, le=MAX_TIMEOUT_S)
-    password: SecretStr | None = Field(None, description="Redis AUTH; prefer the FERSTREAM_REDIS_PASSWORD environment variable")
+    password: SecretStr | None = Field(
+        None, description="Redis AUTH; prefer FERSTREAM_REDIS_PASSWORD, which Serve requires (a password here is refused there)"
+    )
 
     @property
     def password_value(self) -> str | None:
@@ -378,32 +380,41 @@ def load_yaml(path: Path | str) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
 
 
-def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load and validate a pipeline config; ``overrides`` replace top-level sections."""
+def merge_sections(data: dict[str, Any], *overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each of ``overrides`` applied in turn, later ones winning: a mapping is merged
+    into the mapping section of the same name key by key, anything else replaces the section."""
+    merged = dict(data)
+    for override in overrides:
+        for section, value in override.items():
+            current = merged.get(section)
+            merged[section] = {**current, **value} if isinstance(value, dict) and isinstance(current, dict) else value
+    return merged
+
+
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None, origin: str | None = None) -> PipelineConfig:
+    """Load and validate a pipeline config, once, with ``overrides`` applied (``merge_sections``:
+    ``{"events": {"redis_url": ...}}`` keeps the file's other events settings). ``origin`` names
+    where the values came from in errors; default: the file."""
     data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    data.update(overrides or {})
-    return parse_config(PipelineConfig, data, str(path))
+    return parse_config(PipelineConfig, merge_sections(data, overrides or {}), origin or str(path))
 
 
 REDIS_URL_ENV = "FERSTREAM_REDIS_URL"
 REDIS_PASSWORD_ENV = "FERSTREAM_REDIS_PASSWORD"
 
 
-def apply_environment(config: PipelineConfig, environ: dict[str, str] | None = None) -> PipelineConfig:
-    """Deployment settings that do not belong in a file: the Redis URL and its password (a Secret)."""
+def environment_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Deployment settings that do not belong in a file, the Redis URL and its password (a Secret),
+    as overrides for ``load_config``; empty when neither is set."""
     environ = dict(os.environ) if environ is None else environ
     events: dict[str, Any] = {}
     if environ.get(REDIS_URL_ENV):
         events["redis_url"] = environ[REDIS_URL_ENV]
     if environ.get(REDIS_PASSWORD_ENV):
         events["password"] = environ[REDIS_PASSWORD_ENV]
-    if not events:
-        return config
-    data = dump_config(config)
-    data["events"].update(events)
-    return parse_config(PipelineConfig, data, "environment")
+    return {"events": events} if events else {}
 
 
 def dump_config(config: PipelineConfig) -> dict[str, Any]:

@@ -48,7 +48,7 @@ if [ $# -gt 0 ]; then
   auth=()
   [ -n "${FERSTREAM_API_TOKENS:-}" ] && auth=(-H "Authorization: Bearer ${FERSTREAM_API_TOKENS%%,*}")
   curl -fsS -X POST "$api/streams" "${auth[@]}" -H 'content-type: application/json' \
-    -d "{\"id\": \"$camera\", \"url\": \"$1\", \"fps\": 5, \"loop\": true}" >&2 || true
+    -d "{\"camera_id\": \"$camera\", \"url\": \"$1\", \"target_fps\": 5, \"loop\": true}" >&2 || true
   echo >&2
   source_text="$(printf '%s' "$1" | sed -E 's#(://[^:/@]*):[^@/]*@#\1:***@#'), added through POST /streams, at most 5 frames/s"
 fi

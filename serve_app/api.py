@@ -17,13 +17,13 @@ No ``from __future__ import annotations`` here: FastAPI reads the endpoint annot
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import redis
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -40,20 +40,46 @@ OPEN_PATHS = frozenset({"/healthz"})
 MAX_BODY_BYTES = 64 * 1024
 
 
+# The API's names in ferstream 0.1, before it took the config's: accepted for one more release (CHANGELOG.md).
+OLD_FIELD_NAMES = {"camera_id": "id", "target_fps": "fps"}
+
+
+# Each top-level field is SourceConfig's (default, bounds, description): pydantic merges the
+# FieldInfos of an Annotated field, so nothing is restated here.
+SOURCE_FIELDS = SourceConfig.model_fields
+
+
+def also_accepts_old_name(name: str) -> Any:
+    return Field(validation_alias=AliasChoices(name, OLD_FIELD_NAMES[name]))
+
+
 class StreamRequest(BaseModel):
-    """``POST /streams``: a camera. ``options`` takes any other per-camera setting (see SourceConfig)."""
+    """``POST /streams``: a camera, in ``SourceConfig``'s names and with its defaults. ``options``
+    takes any other per-camera setting. ``id`` and ``fps`` (the names of 0.1) are accepted for
+    ``camera_id`` and ``target_fps`` for one release; both names at once are a 422."""
 
     # allow_inf_nan=False: Python's JSON parser reads Infinity and NaN, which are no setting.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    id: str
-    url: str
-    fps: float | None = 5.0
-    transport: str = "tcp"
-    loop: bool = False
-    options: dict[str, Any] = Field(default_factory=dict)
+    # The types must be SourceConfig's too (tests/serve_app/test_app.py checks).
+    camera_id: Annotated[str, SOURCE_FIELDS["camera_id"], also_accepts_old_name("camera_id")]
+    url: Annotated[str, SOURCE_FIELDS["url"]]
+    target_fps: Annotated[float | None, SOURCE_FIELDS["target_fps"], also_accepts_old_name("target_fps")]
+    transport: Annotated[Literal["tcp", "udp"], SOURCE_FIELDS["transport"]]
+    loop: Annotated[bool, SOURCE_FIELDS["loop"]]
+    options: dict[str, Any] = Field(default_factory=dict, description="any other SourceConfig field, e.g. open_timeout_s")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_per_field(cls, data: Any) -> Any:
+        # Without this, the second name would be refused as an unknown field, which reads as a typo.
+        if isinstance(data, dict):
+            for name, old_name in OLD_FIELD_NAMES.items():
+                if name in data and old_name in data:
+                    raise ValueError(f"{name} and {old_name} (its old name) both given: send {name} only")
+        return data
 
     def to_source_config(self) -> SourceConfig:
-        fields = {"camera_id": self.id, "url": self.url, "target_fps": self.fps, "transport": self.transport, "loop": self.loop}
+        fields = self.model_dump(exclude={"options"})
         clashes = sorted(set(self.options) & set(fields))
         if clashes:
             raise ConfigError(f"stream: options: {', '.join(clashes)} must be given as the top-level field, not in options")
@@ -93,7 +119,7 @@ class StreamController:
                 409, f"the app runs at most max_cameras={self.max_cameras} cameras: remove one (DELETE /streams/<id>) or raise max_cameras"
             )
         log.info("camera %s added (%s)", camera.camera_id, redact_url(camera.url))
-        return {"id": camera.camera_id, "url": redact_url(camera.url)}
+        return {"camera_id": camera.camera_id, "url": redact_url(camera.url)}
 
     def remove(self, camera_id: str) -> None:
         if not self.registry.remove(camera_id):
@@ -109,9 +135,9 @@ class StreamController:
             last_error = status.get("last_error")
             streams.append(
                 {
-                    "id": camera_id,
+                    "camera_id": camera_id,
                     "url": redact_url(camera.url),
-                    "fps_target": camera.target_fps,
+                    "target_fps": camera.target_fps,
                     "transport": camera.transport,
                     "state": status.get("state", "pending"),
                     "measured_fps": status.get("measured_fps", 0.0),

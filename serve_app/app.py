@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
-from pipeline.config import ConfigError, SourceConfig, dump_config, load_config, load_yaml, parse_config
+from pipeline.config import (
+    REDIS_PASSWORD_ENV,
+    REDIS_URL_ENV,
+    ConfigError,
+    PipelineConfig,
+    SourceConfig,
+    load_config,
+    load_yaml,
+    parse_config,
+)
 from pipeline.url_policy import UrlOrigin, UrlRefused
 from serve_app.deployments import ControllerDeployment, ExpressionClassifierDeployment, FaceDetectorDeployment, IngestDeployment
 
@@ -43,9 +53,31 @@ def load_cameras(path: Path) -> list[SourceConfig]:
     return [parse_config(SourceConfig, camera, f"{path}[{index}]") for index, camera in enumerate(data)]
 
 
+def replica_args(config: PipelineConfig, origin: str) -> dict[str, Any]:
+    """The pipeline config as the replicas' bound arguments. Ray keeps those in its cluster state
+    (GCS, dashboard, ``serve status``), so a Redis secret is refused here: each replica reads its
+    own from its environment (``load_pipeline_config`` in serve_app/deployments.py)."""
+    if config.events.password is not None:
+        raise ConfigError(
+            f"{origin}: events.password: under Serve the Redis password comes from {REDIS_PASSWORD_ENV} in the replicas' "
+            "environment (a Secret in Kubernetes); a password in the config would travel in Ray's application arguments"
+        )
+    try:
+        has_password = urlsplit(config.events.redis_url).password is not None
+    except ValueError:  # the config accepted it; a URL urllib cannot split has no password it could find either
+        has_password = False
+    if has_password:
+        raise ConfigError(
+            f"{origin}: events.redis_url: holds a password; under Serve give the URL in {REDIS_URL_ENV} and the password in "
+            f"{REDIS_PASSWORD_ENV} in the replicas' environment, not in the config (it would travel in Ray's application arguments)"
+        )
+    return config.model_dump(mode="json")
+
+
 def build_app(args: dict[str, Any]) -> Application:
     app_args = parse_config(AppArgs, args, "application args")
-    config = load_config(resolve_path(app_args.pipeline_config))
+    pipeline_path = resolve_path(app_args.pipeline_config)
+    config = load_config(pipeline_path)
     cameras = list(config.cameras)
     if app_args.cameras_file:
         cameras.extend(load_cameras(resolve_path(app_args.cameras_file)))
@@ -64,7 +96,7 @@ def build_app(args: dict[str, Any]) -> Application:
         raise ConfigError(
             f"application args: {len(cameras)} cameras (pipeline_config and cameras_file), more than max_cameras ({config.max_cameras})"
         )
-    data = dump_config(config)
+    data = replica_args(config, str(pipeline_path))
     detector = FaceDetectorDeployment.bind(data)
     classifier = ExpressionClassifierDeployment.bind(data)
     ingest = IngestDeployment.bind(data, detector, classifier)

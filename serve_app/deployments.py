@@ -29,10 +29,9 @@ from ray.serve.handle import DeploymentHandle
 
 from pipeline.analysis import CameraAnalyzer
 from pipeline.auth import ApiTokens, check_exposure
-from pipeline.batching import BusyAwareBatchWait
 from pipeline.checkpoint import ModelMetadata
 from pipeline.classification import ExpressionClassifier, crop_faces, crop_margin
-from pipeline.config import PipelineConfig, SourceConfig, apply_environment, parse_config
+from pipeline.config import PipelineConfig, SourceConfig, environment_overrides, merge_sections, parse_config
 from pipeline.detection import FaceDetection, build_detector, downscale_for_detection, scale_detections
 from pipeline.events import EventPublisher, redis_client
 from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit, describe_error
@@ -44,6 +43,7 @@ from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
 from pipeline.sources.camera import CameraSource
 from pipeline.sources.readers import frame_reader_for
 from serve_app.api import OPEN_PATHS, StreamController, build_api
+from serve_app.batching import BusyAwareBatchWait
 from serve_app.live_routes import PAGE_PATHS, PAGE_PREFIXES, live_hold_s, live_page_router
 
 log = logging.getLogger("ferstream.serve")
@@ -58,19 +58,30 @@ MODEL_CALL_TIMEOUT_S = 30.0
 def load_pipeline_config(data: dict[str, Any], origin: str) -> PipelineConfig:
     """Each replica validates the config it was bound with and applies its own environment
     (the Redis URL and password come from the pod, never through the app graph)."""
-    return apply_environment(parse_config(PipelineConfig, data, origin))
+    return parse_config(PipelineConfig, merge_sections(data, environment_overrides()), origin)
 
 
 class BatchingOptions(BaseModel):
-    """The ``user_config`` of the model deployments: tunable without a redeploy."""
+    """The ``user_config`` of the model deployments: tunable without a redeploy. Each deployment's
+    defaults are its ``*_BATCHING`` constant below, which its ``@serve.batch`` decorator uses too."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    max_batch_size: int = Field(8, ge=1, le=4096)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    max_batch_size: int = Field(ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(ge=0, le=10)
 
 
-def reconfigure_batching(method: Any, batch_wait: BusyAwareBatchWait, user_config: dict[str, Any], deployment: str) -> None:
-    options = parse_config(BatchingOptions, user_config, f"{deployment}.user_config")
+# The defaults, one home per deployment: the values configs/serve-cpu.yaml has run with, which it
+# states (tests/serve_app/test_app.py checks both); serve-gpu.yaml batches more. Frames come one per
+# camera per tick, crops every face of a frame at once: the classifier's batches are the larger.
+DETECTOR_BATCHING = BatchingOptions(max_batch_size=4, batch_wait_timeout_s=0.01)
+CLASSIFIER_BATCHING = BatchingOptions(max_batch_size=64, batch_wait_timeout_s=0.005)
+
+
+def reconfigure_batching(
+    method: Any, batch_wait: BusyAwareBatchWait, user_config: dict[str, Any], deployment: str, defaults: BatchingOptions
+) -> None:
+    """Apply a deployment's ``user_config``; a key it leaves out keeps that deployment's default."""
+    options = parse_config(BatchingOptions, {**defaults.model_dump(), **user_config}, f"{deployment}.user_config")
     method.set_max_batch_size(options.max_batch_size)
     batch_wait.base_wait_s = options.batch_wait_timeout_s
     method.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
@@ -78,7 +89,7 @@ def reconfigure_batching(method: Any, batch_wait: BusyAwareBatchWait, user_confi
 
 async def submit(method: Any, batch_wait: BusyAwareBatchWait, item: np.ndarray) -> Any:
     """Queue one item for a ``@serve.batch`` method, first setting the wait of the batch it may
-    open: the model's remaining busy time, so batches fill while a call runs (pipeline.batching)."""
+    open: the model's remaining busy time, so batches fill while a call runs (serve_app.batching)."""
     method.set_batch_wait_timeout_s(batch_wait.wait_timeout(time.perf_counter()))
     return await method(item)
 
@@ -139,15 +150,15 @@ class FaceDetectorDeployment:
 
         warm_up_detector(self.detector, pipeline_config.detector.detection_size)  # before the first camera frame
         self.metrics = replica_metrics()
-        self.batch_wait = BusyAwareBatchWait(BatchingOptions().batch_wait_timeout_s)
+        self.batch_wait = BusyAwareBatchWait(DETECTOR_BATCHING.batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        reconfigure_batching(self.detect_batch, self.batch_wait, user_config, "FaceDetector")
+        reconfigure_batching(self.detect_batch, self.batch_wait, user_config, "FaceDetector", DETECTOR_BATCHING)
 
     async def detect(self, image: np.ndarray) -> list[FaceDetection]:
         return item_result(await submit(self.detect_batch, self.batch_wait, image))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=DETECTOR_BATCHING.max_batch_size, batch_wait_timeout_s=DETECTOR_BATCHING.batch_wait_timeout_s)
     async def detect_batch(self, images: list[np.ndarray]) -> list[list[FaceDetection] | UnitFailure[np.ndarray]]:
         return await run_batch(per_item(self.detector.detect_batch), images, self.batch_wait, self.metrics, "detect")
 
@@ -161,10 +172,10 @@ class ExpressionClassifierDeployment:
 
         warm_up_classifier(self.classifier)  # before the first face
         self.metrics = replica_metrics()
-        self.batch_wait = BusyAwareBatchWait(BatchingOptions().batch_wait_timeout_s)
+        self.batch_wait = BusyAwareBatchWait(CLASSIFIER_BATCHING.batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        reconfigure_batching(self.classify_batch, self.batch_wait, user_config, "ExpressionClassifier")
+        reconfigure_batching(self.classify_batch, self.batch_wait, user_config, "ExpressionClassifier", CLASSIFIER_BATCHING)
 
     def metadata(self) -> ModelMetadata:
         return self.classifier.metadata
@@ -172,7 +183,7 @@ class ExpressionClassifierDeployment:
     async def classify(self, crop: np.ndarray) -> np.ndarray:
         return item_result(await submit(self.classify_batch, self.batch_wait, crop))
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=CLASSIFIER_BATCHING.max_batch_size, batch_wait_timeout_s=CLASSIFIER_BATCHING.batch_wait_timeout_s)
     async def classify_batch(self, crops: list[np.ndarray]) -> list[np.ndarray | UnitFailure[np.ndarray]]:
         return await run_batch(per_item(self.classifier.predict), crops, self.batch_wait, self.metrics, "classify")
 

@@ -136,7 +136,7 @@ function drawStream(card, stream) {
   parts.state.textContent = stream.state;
   parts.state.className = "state " + stream.state;
   parts.url.textContent = stream.url;
-  parts.fps.textContent = Number(stream.measured_fps || 0).toFixed(1) + " / " + (stream.fps_target === null ? "all" : stream.fps_target);
+  parts.fps.textContent = Number(stream.measured_fps || 0).toFixed(1) + " / " + (stream.target_fps === null ? "all" : stream.target_fps);
   parts.drops.textContent = String(stream.frames_dropped);
   parts.reconnects.textContent = String(stream.reconnects);
   parts.error.textContent = stream.last_error ? "last error: " + stream.last_error : "";
@@ -231,12 +231,12 @@ async function drawPreview(card, id, enabled) {
 
 async function refreshCamera(card, stream) {
   drawStream(card, stream);
-  const response = await api("/streams/" + encodeURIComponent(stream.id) + "/summary");
+  const response = await api("/streams/" + encodeURIComponent(stream.camera_id) + "/summary");
   if (!response.ok) return; // removed meanwhile, or a transient error: the next poll tries again
   const summary = await response.json();
   drawChart(card, summary);
   drawTracks(card, summary);
-  await drawPreview(card, stream.id, summary.preview);
+  await drawPreview(card, stream.camera_id, summary.preview);
 }
 
 async function poll() {
@@ -253,7 +253,7 @@ async function poll() {
       return;
     }
     const streams = await response.json();
-    const seen = new Set(streams.map((stream) => stream.id));
+    const seen = new Set(streams.map((stream) => stream.camera_id));
     for (const [id, card] of cards) {
       if (!seen.has(id)) {
         if (card.previewUrl) URL.revokeObjectURL(card.previewUrl);
@@ -261,7 +261,7 @@ async function poll() {
         cards.delete(id);
       }
     }
-    await Promise.all(streams.map((stream) => refreshCamera(cards.get(stream.id) || createCard(stream.id), stream)));
+    await Promise.all(streams.map((stream) => refreshCamera(cards.get(stream.camera_id) || createCard(stream.camera_id), stream)));
     document.getElementById("no-cameras").hidden = streams.length > 0;
     setStatus(streams.length + " camera" + (streams.length === 1 ? "" : "s") + ", updated " + new Date().toLocaleTimeString(), false);
   } catch (error) {
@@ -276,15 +276,15 @@ async function addCamera(event) {
   const message = document.getElementById("add-message");
   const fps = document.getElementById("add-fps").value;
   const body = {
-    id: document.getElementById("add-id").value.trim(),
+    camera_id: document.getElementById("add-id").value.trim(),
     url: document.getElementById("add-url").value.trim(),
-    fps: fps === "" ? null : Number(fps),
+    target_fps: fps === "" ? null : Number(fps),
     loop: document.getElementById("add-loop").checked,
     options: document.getElementById("add-preview").checked ? { preview: true } : {},
   };
   const response = await api("/streams", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
   if (response.ok) {
-    message.textContent = "Added " + body.id + ".";
+    message.textContent = "Added " + body.camera_id + ".";
     message.classList.remove("error");
     document.getElementById("add-id").value = "";
   } else {

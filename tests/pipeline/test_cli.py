@@ -1,5 +1,6 @@
 """The `ferstream` command as users run it: a real process, a real redis-server, a shared clip."""
 
+import argparse
 import json
 import os
 import re
@@ -7,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.cli import main
-from pipeline.config import EventsConfig
+import pytest
+
+from pipeline.cli import build_parser, main, run_config
+from pipeline.config import ConfigError, EventsConfig, PipelineConfig, load_config
 from pipeline.events import RedisStreamSink, validate_event_dict
 from tests.pipeline.events.helpers import make_event
 from tests.support import free_port, redis_server_requires_password
@@ -37,7 +40,43 @@ def test_a_bad_config_fails_at_start_with_the_field_named(tmp_path, capsys):
 
 def test_a_bad_source_url_fails_at_start(capsys):
     assert main(["run", "--config", str(REPO / "configs/demo.yaml"), "--source", "ftp://host/video"]) == 2
-    assert "--source: url: Value error, unsupported URL scheme 'ftp'" in capsys.readouterr().err
+    assert "configs/demo.yaml with --source: cameras.0.url: Value error, unsupported URL scheme 'ftp'" in capsys.readouterr().err
+
+
+def run_args(*argv: str) -> argparse.Namespace:
+    args, _rest = build_parser().parse_known_args(["run", *argv])
+    return args
+
+
+def test_run_config_validates_the_file_with_its_overrides_once(monkeypatch):
+    validated = []
+    real_model_validate = PipelineConfig.model_validate
+
+    def counting(data, *args, **kwargs):
+        validated.append(data)
+        return real_model_validate(data, *args, **kwargs)
+
+    monkeypatch.setattr(PipelineConfig, "model_validate", counting)
+    args = run_args(
+        "--config", str(REPO / "configs/demo.yaml"), "--source", "rtsp://cam/s", "--camera-id", "door", "--redis-url", "redis://flag:6379/0"
+    )
+    config = run_config(args, {"FERSTREAM_REDIS_URL": "redis://env:6379/0", "FERSTREAM_REDIS_PASSWORD": "env-pw"})
+    assert len(validated) == 1
+    assert [(camera.camera_id, camera.url) for camera in config.cameras] == [("door", "rtsp://cam/s")]
+    # The flag beats the ambient variable; the file's other events settings stay.
+    assert config.events.redis_url == "redis://flag:6379/0" and config.events.password_value == "env-pw"
+    assert config.events == load_config(REPO / "configs/demo.yaml").events.model_copy(
+        update={"redis_url": "redis://flag:6379/0", "password": config.events.password}
+    )
+
+
+def test_run_config_without_overrides_is_the_file():
+    assert run_config(run_args("--config", str(REPO / "configs/demo.yaml")), {}) == load_config(REPO / "configs/demo.yaml")
+
+
+def test_a_bad_redis_url_from_the_environment_is_named():
+    with pytest.raises(ConfigError, match=r"demo\.yaml with FERSTREAM_REDIS_URL: events\.redis_url: "):
+        run_config(run_args("--config", str(REPO / "configs/demo.yaml")), {"FERSTREAM_REDIS_URL": "http://nope"})
 
 
 def test_run_prints_events_that_reach_redis_and_tail_reads_them(redis_server, shared_clips):

@@ -11,7 +11,9 @@ from pipeline.config import (
     MTCNNConfig,
     PipelineConfig,
     SourceConfig,
+    environment_overrides,
     load_config,
+    merge_sections,
     parse_config,
     url_scheme,
 )
@@ -144,6 +146,33 @@ def test_defaults_and_overrides(tmp_path):
     assert config.events.maxlen == 5
     assert config.events.stream_prefix == "ferstream"
     assert not config.cameras[0].is_file
+
+
+def test_a_mapping_override_merges_into_its_section(tmp_path):
+    path = write(tmp_path, "events: {stream_prefix: site-a, maxlen: 50}\ncameras: [{camera_id: a, url: rtsp://h/a}]")
+    config = load_config(path, overrides={"events": {"maxlen": 5}, "cameras": [{"camera_id": "b", "url": "rtsp://h/b"}]})
+    assert (config.events.stream_prefix, config.events.maxlen) == ("site-a", 5)
+    assert [camera.camera_id for camera in config.cameras] == ["b"]  # a list replaces the section
+
+
+def test_merge_sections_later_overrides_win():
+    merged = merge_sections(
+        {"events": {"redis_url": "redis://file/0", "maxlen": 9}},
+        {"events": {"redis_url": "redis://env/0"}},
+        {"events": {"redis_url": "redis://flag/0"}},
+    )
+    assert merged == {"events": {"redis_url": "redis://flag/0", "maxlen": 9}}
+
+
+def test_load_config_names_the_given_origin(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config\.yaml with --flag: max_cameras: "):
+        load_config(write(tmp_path, "{}"), overrides={"max_cameras": 0}, origin="config.yaml with --flag")
+
+
+def test_the_environment_gives_the_redis_url_and_password():
+    environ = {"FERSTREAM_REDIS_URL": "redis://cache:6380/1", "FERSTREAM_REDIS_PASSWORD": "s3cret", "OTHER": "x"}
+    assert environment_overrides(environ) == {"events": {"redis_url": "redis://cache:6380/1", "password": "s3cret"}}
+    assert environment_overrides({"FERSTREAM_REDIS_URL": ""}) == {}
 
 
 def test_url_scheme():

@@ -62,7 +62,7 @@ class Service:
     def streams(self) -> dict[str, dict[str, Any]]:
         response = requests.get(f"{self.api}/streams", headers=self.headers, timeout=10)
         response.raise_for_status()
-        return {stream["id"]: stream for stream in response.json()}
+        return {stream["camera_id"]: stream for stream in response.json()}
 
     def post_stream(self, body: dict[str, Any]) -> requests.Response:
         return requests.post(f"{self.api}/streams", json=body, headers=self.headers, timeout=10)

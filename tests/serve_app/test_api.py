@@ -89,7 +89,7 @@ def api(client: redis.Redis) -> Iterator[ApiServer]:
 def test_every_route_but_healthz_needs_the_token(api: ApiServer, headers: dict[str, str] | None) -> None:
     responses = [
         api.get("/streams", headers),
-        api.post({"id": "lobby", "url": "rtsp://cam/s"}, headers),
+        api.post({"camera_id": "lobby", "url": "rtsp://cam/s"}, headers),
         api.delete("/streams/lobby", headers),
         api.get("/openapi.json", headers),
         api.get("/no-such-path", headers),  # unknown paths are not told apart from known ones
@@ -110,8 +110,8 @@ def test_a_wrong_token_is_told_apart_from_a_missing_one(api: ApiServer) -> None:
 
 
 def test_the_token_opens_every_route(api: ApiServer) -> None:
-    assert api.post({"id": "lobby", "url": "rtsp://cam/s"}).status_code == 201
-    assert [stream["id"] for stream in api.get("/streams").json()] == ["lobby"]
+    assert api.post({"camera_id": "lobby", "url": "rtsp://cam/s"}).status_code == 201
+    assert [stream["camera_id"] for stream in api.get("/streams").json()] == ["lobby"]
     assert api.get("/openapi.json").status_code == 200
     assert api.delete("/streams/lobby").status_code == 204
     assert api.delete("/streams/lobby").status_code == 404
@@ -122,7 +122,7 @@ def test_healthz_is_open_and_says_nothing_about_redis_but_whether_it_answers(api
     redis_server.stop()
     down = api.get("/healthz", None)
     assert down.status_code == 503 and down.json() == {"detail": "redis unreachable"}
-    registry_down = api.post({"id": "lobby", "url": "rtsp://cam/s"})
+    registry_down = api.post({"camera_id": "lobby", "url": "rtsp://cam/s"})
     assert registry_down.status_code == 503 and "unreachable" in registry_down.json()["detail"]
 
 
@@ -179,7 +179,7 @@ def test_an_open_prefix_must_be_a_directory() -> None:
 
 def test_an_open_api_needs_no_header(client: redis.Redis) -> None:
     with serve(client, ApiAuth(ApiTokens(), required=False)) as api:
-        assert api.post({"id": "lobby", "url": "rtsp://cam/s"}, None).status_code == 201
+        assert api.post({"camera_id": "lobby", "url": "rtsp://cam/s"}, None).status_code == 201
         assert api.get("/streams", None).status_code == 200
 
 
@@ -206,7 +206,7 @@ def test_an_open_api_needs_no_header(client: redis.Redis) -> None:
     ],
 )
 def test_the_issues_bypasses_are_422_naming_url(api: ApiServer, url: str) -> None:
-    response = api.post({"id": "x", "url": url})
+    response = api.post({"camera_id": "x", "url": url})
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     assert "url" in str(detail), detail
@@ -220,20 +220,20 @@ def test_file_sources_only_inside_allowed_file_dirs(client: redis.Redis, tmp_pat
     (tmp_path / "other.mp4").write_bytes(b"")
     (allowed / "escape.mp4").symlink_to(tmp_path / "other.mp4")
     with serve(client, ApiAuth(ApiTokens([TOKEN]), required=True), UrlPolicyConfig(allowed_file_dirs=(allowed,))) as api:
-        assert api.post({"id": "ok", "url": f"file://{allowed}/clip.mp4"}).status_code == 201
+        assert api.post({"camera_id": "ok", "url": f"file://{allowed}/clip.mp4"}).status_code == 201
         for url in (
             f"file://{tmp_path}/other.mp4",
             f"file://{allowed}/../other.mp4",
             f"file://{allowed}/escape.mp4",
             str(allowed / "clip.mp4"),
         ):
-            response = api.post({"id": "bad", "url": url})
+            response = api.post({"camera_id": "bad", "url": url})
             assert response.status_code == 422 and response.json()["detail"].startswith("stream: url: "), (url, response.text)
 
 
 def test_link_local_cameras_when_the_operator_allows_them(client: redis.Redis) -> None:
     with serve(client, ApiAuth(ApiTokens([TOKEN]), required=True), UrlPolicyConfig(allow_link_local=True)) as api:
-        assert api.post({"id": "ll", "url": "rtsp://169.254.10.20/stream"}).status_code == 201
+        assert api.post({"camera_id": "ll", "url": "rtsp://169.254.10.20/stream"}).status_code == 201
 
 
 # -- max_cameras --------------------------------------------------------------------------------------
@@ -241,13 +241,38 @@ def test_link_local_cameras_when_the_operator_allows_them(client: redis.Redis) -
 
 def test_a_full_app_refuses_new_cameras_with_409(client: redis.Redis) -> None:
     with serve(client, ApiAuth(ApiTokens([TOKEN]), required=True), max_cameras=2) as api:
-        assert api.post({"id": "a", "url": "rtsp://cam/a"}).status_code == 201
-        assert api.post({"id": "b", "url": "rtsp://cam/b"}).status_code == 201
-        full = api.post({"id": "c", "url": "rtsp://cam/c"})
+        assert api.post({"camera_id": "a", "url": "rtsp://cam/a"}).status_code == 201
+        assert api.post({"camera_id": "b", "url": "rtsp://cam/b"}).status_code == 201
+        full = api.post({"camera_id": "c", "url": "rtsp://cam/c"})
         assert full.status_code == 409 and "max_cameras=2" in full.json()["detail"]
-        assert api.post({"id": "a", "url": "rtsp://cam/a"}).json() == {"detail": "stream 'a' already exists"}
+        assert api.post({"camera_id": "a", "url": "rtsp://cam/a"}).json() == {"detail": "stream 'a' already exists"}
         assert api.delete("/streams/a").status_code == 204
-        assert api.post({"id": "c", "url": "rtsp://cam/c"}).status_code == 201
+        assert api.post({"camera_id": "c", "url": "rtsp://cam/c"}).status_code == 201
+
+
+# -- the names of 0.1 ----------------------------------------------------------------------------------
+
+
+def test_the_old_names_id_and_fps_are_still_accepted(api: ApiServer) -> None:
+    assert api.post({"id": "door", "url": "rtsp://cam/s", "fps": 2}).json() == {"camera_id": "door", "url": "rtsp://cam/s"}
+    (stream,) = api.get("/streams").json()
+    assert (stream["camera_id"], stream["target_fps"]) == ("door", 2)
+    assert "id" not in stream and "fps_target" not in stream  # responses speak the config's names only
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"id": "a", "camera_id": "a", "url": "rtsp://cam/s"}, "camera_id"),
+        ({"camera_id": "a", "url": "rtsp://cam/s", "fps": 2, "target_fps": 2}, "target_fps"),
+    ],
+)
+def test_a_field_under_both_its_names_is_422_naming_it(api: ApiServer, body: dict[str, Any], field: str) -> None:
+    response = api.post(body)
+    assert response.status_code == 422, response.text
+    (problem,) = response.json()["detail"]
+    assert problem["msg"].startswith(f"Value error, {field} and ") and "both given" in problem["msg"]
+    assert api.get("/streams").json() == []
 
 
 # -- non-finite numbers -------------------------------------------------------------------------------
@@ -256,12 +281,12 @@ def test_a_full_app_refuses_new_cameras_with_409(client: redis.Redis) -> None:
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ('{"id": "x", "url": "rtsp://cam/s", "fps": Infinity}', "fps"),
-        ('{"id": "x", "url": "rtsp://cam/s", "fps": NaN}', "fps"),
-        ('{"id": "x", "url": "rtsp://cam/s", "fps": -Infinity}', "fps"),
-        ('{"id": "x", "url": "rtsp://cam/s", "options": {"open_timeout_s": Infinity}}', "open_timeout_s"),
-        ('{"id": "x", "url": "rtsp://cam/s", "options": {"reconnect": {"initial_s": NaN}}}', "reconnect.initial_s"),
-        ('{"id": "x", "url": "rtsp://cam/s", "options": {"max_reconnects": Infinity}}', "max_reconnects"),
+        ('{"camera_id": "x", "url": "rtsp://cam/s", "target_fps": Infinity}', "target_fps"),
+        ('{"camera_id": "x", "url": "rtsp://cam/s", "target_fps": NaN}', "target_fps"),
+        ('{"camera_id": "x", "url": "rtsp://cam/s", "target_fps": -Infinity}', "target_fps"),
+        ('{"camera_id": "x", "url": "rtsp://cam/s", "options": {"open_timeout_s": Infinity}}', "open_timeout_s"),
+        ('{"camera_id": "x", "url": "rtsp://cam/s", "options": {"reconnect": {"initial_s": NaN}}}', "reconnect.initial_s"),
+        ('{"camera_id": "x", "url": "rtsp://cam/s", "options": {"max_reconnects": Infinity}}', "max_reconnects"),
     ],
 )
 def test_non_finite_numbers_are_422_naming_the_field_and_leave_no_phantom_camera(api: ApiServer, body: str, field: str) -> None:
@@ -269,7 +294,7 @@ def test_non_finite_numbers_are_422_naming_the_field_and_leave_no_phantom_camera
     assert response.status_code == 422, response.text
     assert field in str(response.json()["detail"])
     assert api.get("/streams").json() == []
-    assert api.post({"id": "x", "url": "rtsp://cam/s"}).status_code == 201  # the id is free
+    assert api.post({"camera_id": "x", "url": "rtsp://cam/s"}).status_code == 201  # the id is free
 
 
 # -- no credentials in responses ------------------------------------------------------------------------
@@ -281,9 +306,9 @@ def assert_no_secret(response: requests.Response) -> None:
 
 
 def test_post_and_get_show_the_url_redacted(api: ApiServer) -> None:
-    created = api.post({"id": "door", "url": SECRET_URL})
+    created = api.post({"camera_id": "door", "url": SECRET_URL})
     assert created.status_code == 201
-    assert created.json() == {"id": "door", "url": "rtsp://admin:***@10.0.0.5:554/live?channel=1&token=***"}
+    assert created.json() == {"camera_id": "door", "url": "rtsp://admin:***@10.0.0.5:554/live?channel=1&token=***"}
     listed = api.get("/streams")
     assert listed.json()[0]["url"] == "rtsp://admin:***@10.0.0.5:554/live?channel=1&token=***"
     for response in (created, listed, api.get("/openapi.json")):
@@ -294,15 +319,15 @@ def test_post_and_get_show_the_url_redacted(api: ApiServer) -> None:
     "body",
     [
         {"url": SECRET_URL},  # no id: FastAPI's default error would quote the whole body
-        {"id": "x", "url": SECRET_URL, "fps": "fast"},
-        {"id": "x", "url": SECRET_URL, "bogus": 1},
-        {"id": "has space", "url": SECRET_URL},
-        {"id": "x", "url": SECRET_URL, "options": {"url": SECRET_URL}},
-        {"id": "x", "url": SECRET_URL, "options": {"reconnect": SECRET_URL}},
-        {"id": "x", "url": SECRET_URL + "/" + "a" * 3000},
-        {"id": "x", "url": "rtsp://user:hunter2/s3cr3tvalue@host/x"},  # urllib takes "hunter2/..." for a port
-        {"id": "x", "url": SECRET_URL.replace("10.0.0.5", "169.254.169.254")},
-        {"id": "x", "url": [SECRET_URL]},
+        {"camera_id": "x", "url": SECRET_URL, "target_fps": "fast"},
+        {"camera_id": "x", "url": SECRET_URL, "bogus": 1},
+        {"camera_id": "has space", "url": SECRET_URL},
+        {"camera_id": "x", "url": SECRET_URL, "options": {"url": SECRET_URL}},
+        {"camera_id": "x", "url": SECRET_URL, "options": {"reconnect": SECRET_URL}},
+        {"camera_id": "x", "url": SECRET_URL + "/" + "a" * 3000},
+        {"camera_id": "x", "url": "rtsp://user:hunter2/s3cr3tvalue@host/x"},  # urllib takes "hunter2/..." for a port
+        {"camera_id": "x", "url": SECRET_URL.replace("10.0.0.5", "169.254.169.254")},
+        {"camera_id": "x", "url": [SECRET_URL]},
     ],
 )
 def test_error_bodies_never_repeat_a_credential(api: ApiServer, body: dict[str, Any]) -> None:
@@ -312,7 +337,7 @@ def test_error_bodies_never_repeat_a_credential(api: ApiServer, body: dict[str, 
 
 
 def test_last_error_in_get_streams_is_scrubbed(api: ApiServer, client: redis.Redis) -> None:
-    assert api.post({"id": "door", "url": SECRET_URL}).status_code == 201
+    assert api.post({"camera_id": "door", "url": SECRET_URL}).status_code == 201
     registry = CameraRegistry(client, "test")
     registry.put_statuses([{"camera_id": "door", "state": "reconnecting", "last_error": f"open: 401 for {SECRET_URL} (hunter2)"}], 60)
     (stream,) = api.get("/streams").json()
@@ -321,6 +346,6 @@ def test_last_error_in_get_streams_is_scrubbed(api: ApiServer, client: redis.Red
 
 
 def test_a_body_too_large_is_refused_before_it_is_read(api: ApiServer) -> None:
-    response = api.post({"id": "x", "url": "rtsp://cam/" + "a" * MAX_BODY_BYTES})
+    response = api.post({"camera_id": "x", "url": "rtsp://cam/" + "a" * MAX_BODY_BYTES})
     assert response.status_code == 413
     assert api.get("/streams").json() == []

@@ -5,6 +5,7 @@ record nowhere without ``ray.init``)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Sequence
@@ -28,18 +29,21 @@ from ray.serve.schema import (
 )
 
 import serve_app.metrics as serve_metrics
-from pipeline.batching import BusyAwareBatchWait
 from pipeline.config import ConfigError, EventsConfig, PipelineConfig, SourceConfig, load_config
 from pipeline.metrics import BATCH_BUCKETS, PipelineMetrics
 from serve_app.api import StreamRequest
 from serve_app.app import REPO_ROOT, absolute_file_url, build_app, load_cameras, resolve_path
+from serve_app.batching import BusyAwareBatchWait
 from serve_app.deployments import (
+    CLASSIFIER_BATCHING,
+    DETECTOR_BATCHING,
     BatchingOptions,
     ControllerDeployment,
     ExpressionClassifierDeployment,
     FaceDetectorDeployment,
     IngestDeployment,
     IngestOptions,
+    load_pipeline_config,
     reconfigure_batching,
     run_batch,
     submit,
@@ -186,11 +190,40 @@ def test_build_app_defaults_and_other_working_directories(tmp_path: Path, monkey
         assert cameras == []
 
 
-def test_build_app_passes_the_password_to_the_replicas(tmp_path: Path) -> None:
+def all_bound_args(app: Application) -> list[Any]:
+    """The bound arguments of every deployment in the graph below ``app``."""
+    found: list[Any] = []
+    for arg in bound_args(app):
+        found.extend(all_bound_args(arg) if isinstance(arg, Application) else [arg])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("events", "field"),
+    [({"password": "s3cret-pw"}, "events.password"), ({"redis_url": "redis://:s3cret-pw@cache:6379/0"}, "events.redis_url")],
+)
+def test_build_app_refuses_a_redis_secret_in_the_pipeline_config(tmp_path: Path, events: dict[str, str], field: str) -> None:
+    # Bound arguments live in Ray's cluster state (GCS, dashboard): no secret may go there.
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(yaml.safe_dump({"events": {"password": "s3cret"}}))
-    config, _cameras, _ingest = bound_args(build_app({"pipeline_config": str(pipeline)}))
-    assert config["events"]["password"] == "s3cret"  # dump_config, not model_dump (which masks it)
+    pipeline.write_text(yaml.safe_dump({"events": events}))
+    with pytest.raises(ConfigError) as raised:
+        build_app({"pipeline_config": str(pipeline)})
+    message = str(raised.value)
+    assert f"{pipeline}: {field}: " in message and "FERSTREAM_REDIS_PASSWORD" in message
+    assert "s3cret-pw" not in message
+
+
+def test_the_redis_secret_reaches_the_replicas_from_their_environment_not_the_app_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FERSTREAM_REDIS_URL", "redis://:url-s3cret@cache:6379/0")
+    monkeypatch.setenv("FERSTREAM_REDIS_PASSWORD", "env-s3cret")
+    app = build_app({"pipeline_config": "configs/pipeline.yaml"})
+    arguments = json.dumps(all_bound_args(app))
+    assert "s3cret" not in arguments
+    config, _cameras, _ingest = bound_args(app)
+    assert config["events"]["password"] is None
+    # What each replica does with its bound config: its own environment adds the secrets.
+    replica = load_pipeline_config(config, "Ingest")
+    assert replica.events.password_value == "env-s3cret" and replica.events.redis_url == "redis://:url-s3cret@cache:6379/0"
 
 
 def test_build_app_merges_config_cameras_and_the_cameras_file(tmp_path: Path) -> None:
@@ -284,9 +317,9 @@ def test_absolute_file_url_leaves_absolute_paths_and_urls_alone(url: str) -> Non
 
 def test_stream_request_maps_to_a_source_config() -> None:
     request = StreamRequest(
-        id="lobby",
+        camera_id="lobby",
         url="rtsp://cam/stream",
-        fps=2.5,
+        target_fps=2.5,
         transport="udp",
         loop=True,
         options={"watchdog_timeout_s": 3, "reconnect": {"initial_s": 0.2, "max_s": 1}},
@@ -302,15 +335,37 @@ def test_stream_request_maps_to_a_source_config() -> None:
     assert camera.watchdog_timeout_s == 3 and camera.reconnect.initial_s == 0.2 and camera.reconnect.max_s == 1
 
 
-def test_stream_request_defaults() -> None:
-    camera = StreamRequest(id="lobby", url="rtsp://cam/stream").to_source_config()
-    assert (camera.target_fps, camera.transport, camera.loop) == (5.0, "tcp", False)
-    assert StreamRequest(id="all", url="rtsp://cam/stream", fps=None).to_source_config().target_fps is None
+def test_stream_request_defaults_are_source_configs() -> None:
+    camera = StreamRequest(camera_id="lobby", url="rtsp://cam/stream").to_source_config()
+    assert camera == SourceConfig(camera_id="lobby", url="rtsp://cam/stream")
+    # The API's documented default rate (README: 5 frames a second) is SourceConfig's.
+    assert camera.target_fps == 5.0 and (camera.transport, camera.loop) == ("tcp", False)
+    assert StreamRequest(camera_id="all", url="rtsp://cam/stream", target_fps=None).to_source_config().target_fps is None
+
+
+def test_stream_request_top_level_fields_are_source_config_fields() -> None:
+    top_level = set(StreamRequest.model_fields) - {"options"}
+    for name in top_level:
+        request_field, source_field = StreamRequest.model_fields[name], SourceConfig.model_fields[name]
+        assert request_field.annotation == source_field.annotation, name
+        assert request_field.get_default() == source_field.get_default(), name
+        assert request_field.metadata == source_field.metadata, name
+
+
+def test_stream_request_accepts_the_old_names_for_one_release() -> None:
+    camera = StreamRequest.model_validate({"id": "lobby", "url": "rtsp://cam/stream", "fps": 2}).to_source_config()
+    assert (camera.camera_id, camera.target_fps) == ("lobby", 2)
+
+
+@pytest.mark.parametrize("body", [{"id": "a", "camera_id": "a"}, {"camera_id": "a", "fps": 1, "target_fps": 1}])
+def test_stream_request_refuses_a_field_under_both_names(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="both given"):
+        StreamRequest.model_validate({"url": "rtsp://cam/stream", **body})
 
 
 def test_the_preview_is_off_unless_a_stream_asks_for_it() -> None:
-    assert StreamRequest(id="lobby", url="rtsp://cam/stream").to_source_config().preview is False
-    assert StreamRequest(id="lobby", url="rtsp://cam/stream", options={"preview": True}).to_source_config().preview is True
+    assert StreamRequest(camera_id="lobby", url="rtsp://cam/stream").to_source_config().preview is False
+    assert StreamRequest(camera_id="lobby", url="rtsp://cam/stream", options={"preview": True}).to_source_config().preview is True
 
 
 def test_one_event_speaks_for_a_frame_interval_or_for_a_heartbeat_on_the_live_page() -> None:
@@ -321,17 +376,28 @@ def test_one_event_speaks_for_a_frame_interval_or_for_a_heartbeat_on_the_live_pa
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"fps": -1}, "target_fps"),
-        ({"fps": 0}, "target_fps"),
+        ({"target_fps": -1}, "target_fps"),
+        ({"fps": 0}, "fps"),  # the error names the field as it was sent
         ({"transport": "sctp"}, "transport"),
-        ({"id": "has space"}, "camera_id"),
+        ({"camera_id": "has space"}, "camera_id"),
+    ],
+)
+def test_a_bad_top_level_field_is_refused_by_the_request_model(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        StreamRequest.model_validate({"camera_id": "lobby", "url": "rtsp://cam/stream", **body})
+    assert [problem["loc"] for problem in raised.value.errors()] == [(field,)]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
         ({"url": "ftp://host/video"}, "url"),
         ({"options": {"nonsense": 1}}, "nonsense"),
         ({"options": {"reconnect": {"initial_s": -1}}}, "reconnect.initial_s"),
     ],
 )
 def test_a_bad_stream_request_names_the_field(body: dict[str, Any], field: str) -> None:
-    request = StreamRequest.model_validate({"id": "lobby", "url": "rtsp://cam/stream", **body})
+    request = StreamRequest.model_validate({"camera_id": "lobby", "url": "rtsp://cam/stream", **body})
     with pytest.raises(ConfigError) as raised:
         request.to_source_config()
     assert f"stream: {field}:" in str(raised.value)
@@ -339,7 +405,7 @@ def test_a_bad_stream_request_names_the_field(body: dict[str, Any], field: str) 
 
 def test_stream_request_rejects_unknown_top_level_fields() -> None:
     with pytest.raises(ValidationError):
-        StreamRequest.model_validate({"id": "lobby", "url": "rtsp://cam/stream", "target_fps": 2})
+        StreamRequest.model_validate({"camera_id": "lobby", "url": "rtsp://cam/stream", "max_fps": 2})
 
 
 # -- batching user_config -------------------------------------------------------------------------
@@ -358,16 +424,49 @@ class FakeBatchMethod:
 
 def test_reconfigure_batching_sets_both_options() -> None:
     method, batch_wait = FakeBatchMethod(), BusyAwareBatchWait(0.5)
-    reconfigure_batching(method, batch_wait, {"max_batch_size": 32}, "FaceDetector")
+    reconfigure_batching(method, batch_wait, {"max_batch_size": 32}, "FaceDetector", DETECTOR_BATCHING)
     assert method.calls == [("max_batch_size", 32), ("batch_wait_timeout_s", 0.01)]
     assert batch_wait.base_wait_s == 0.01  # the idle wait follows user_config too
+
+
+def test_a_key_left_out_of_user_config_keeps_that_deployments_default() -> None:
+    # The classifier's wait is 0.005 s: a user_config giving only max_batch_size must not get the detector's 0.01 s.
+    method, batch_wait = FakeBatchMethod(), BusyAwareBatchWait(0.5)
+    reconfigure_batching(method, batch_wait, {"max_batch_size": 128}, "ExpressionClassifier", CLASSIFIER_BATCHING)
+    assert method.calls == [("max_batch_size", 128), ("batch_wait_timeout_s", CLASSIFIER_BATCHING.batch_wait_timeout_s)]
+    assert CLASSIFIER_BATCHING.batch_wait_timeout_s != DETECTOR_BATCHING.batch_wait_timeout_s
+
+
+@pytest.mark.parametrize(
+    ("method", "defaults"),
+    [
+        (FaceDetectorDeployment.func_or_class.detect_batch, DETECTOR_BATCHING),
+        (ExpressionClassifierDeployment.func_or_class.classify_batch, CLASSIFIER_BATCHING),
+    ],
+)
+def test_the_serve_batch_decorators_start_from_the_deployments_defaults(method: Any, defaults: BatchingOptions) -> None:
+    # Ray's batch wrapper has no public getters; these private ones read what @serve.batch was given.
+    assert (method._get_max_batch_size(), method._get_batch_wait_timeout_s()) == (defaults.max_batch_size, defaults.batch_wait_timeout_s)
+
+
+def test_the_cpu_serve_config_states_the_deployments_defaults() -> None:
+    config = deployments(load_serve_config("configs/serve-cpu.yaml"))
+    assert BatchingOptions.model_validate(config["FaceDetector"]["user_config"]) == DETECTOR_BATCHING
+    assert BatchingOptions.model_validate(config["ExpressionClassifier"]["user_config"]) == CLASSIFIER_BATCHING
+
+
+def test_the_gpu_serve_config_batches_more_than_the_cpu_defaults() -> None:
+    config = deployments(load_serve_config("configs/serve-gpu.yaml"))
+    for name, defaults in (("FaceDetector", DETECTOR_BATCHING), ("ExpressionClassifier", CLASSIFIER_BATCHING)):
+        gpu = BatchingOptions.model_validate(config[name]["user_config"])
+        assert gpu.max_batch_size > defaults.max_batch_size and gpu.batch_wait_timeout_s == defaults.batch_wait_timeout_s, name
 
 
 @pytest.mark.parametrize("user_config", [{"max_batch_size": 0}, {"batch_wait_timeout_s": -1}, {"max_batch": 8}])
 def test_reconfigure_batching_rejects_bad_user_config(user_config: dict[str, Any]) -> None:
     method, batch_wait = FakeBatchMethod(), BusyAwareBatchWait(0.5)
     with pytest.raises(ConfigError, match=r"FaceDetector\.user_config: "):
-        reconfigure_batching(method, batch_wait, user_config, "FaceDetector")
+        reconfigure_batching(method, batch_wait, user_config, "FaceDetector", DETECTOR_BATCHING)
     assert method.calls == [] and batch_wait.base_wait_s == 0.5
 
 
@@ -603,7 +702,7 @@ def test_pipeline_metrics_construct_with_the_real_ray_classes() -> None:
 
 
 def test_stream_request_options_cannot_override_the_top_level_fields() -> None:
-    request = StreamRequest(id="door", url="rtsp://cam/1", options={"url": "rtsp://other/2", "loop": True})
+    request = StreamRequest(camera_id="door", url="rtsp://cam/1", options={"url": "rtsp://other/2", "loop": True})
     with pytest.raises(ConfigError, match="loop, url must be given as the top-level field"):
         request.to_source_config()
 
@@ -639,4 +738,4 @@ def test_build_app_refuses_more_cameras_than_max_cameras(tmp_path: Path) -> None
 @pytest.mark.parametrize("user_config", [{"batch_wait_timeout_s": float("inf")}, {"batch_wait_timeout_s": float("nan")}])
 def test_batching_options_refuse_non_finite_numbers(user_config: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"FaceDetector\.user_config: batch_wait_timeout_s: .*finite"):
-        reconfigure_batching(FakeBatchMethod(), BusyAwareBatchWait(0.5), user_config, "FaceDetector")
+        reconfigure_batching(FakeBatchMethod(), BusyAwareBatchWait(0.5), user_config, "FaceDetector", DETECTOR_BATCHING)

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.batching import BusyAwareBatchWait
 from pipeline.config import EventsConfig, PipelineConfig, SourceConfig
 from pipeline.detection import FaceDetection
 from pipeline.events import EventPublisher
 from pipeline.frames import VideoFrame
 from pipeline.isolation import FrameFailures
 from pipeline.metrics import PipelineMetrics
+from serve_app.batching import BusyAwareBatchWait
 from serve_app.deployments import CameraSession, FaceDetectorDeployment, item_result, per_item
 from tests.pipeline.conftest import make_metadata
 from tests.pipeline.events.helpers import MemorySink

@@ -86,7 +86,7 @@ def api_get(service: Service, path: str) -> requests.Response:
 def streams(service: Service) -> dict[str, dict[str, Any]]:
     response = api_get(service, "/streams")
     response.raise_for_status()
-    return {stream["id"]: stream for stream in response.json()}
+    return {stream["camera_id"]: stream for stream in response.json()}
 
 
 def card(browser: Any, camera_id: str) -> Any:
@@ -144,7 +144,7 @@ def test_the_page_is_served_without_a_token_and_needs_nothing_from_outside(servi
 def test_a_camera_appears_with_its_state_its_chart_fills_and_its_tracks_show_emotions(service, camera_server, browser):
     from selenium.webdriver.common.by import By
 
-    body = {"id": "lobby", "url": camera_server.url, "fps": 5, "options": FAST_RECONNECT}
+    body = {"camera_id": "lobby", "url": camera_server.url, "target_fps": 5, "options": FAST_RECONNECT}
     response = requests.post(f"{service.api}/streams", json=body, headers=AUTH, timeout=10)
     assert response.status_code == 201, response.text
 
@@ -207,7 +207,7 @@ def test_a_camera_added_on_the_page_with_a_preview_shows_frames_and_is_removed_t
     browser.find_element(By.ID, "add-submit").click()
     wait_in_browser(service, browser, lambda: "Added door" in browser.find_element(By.ID, "add-message").text, 20, "the add message")
     door = streams(service)["door"]
-    assert door["fps_target"] == 2
+    assert door["target_fps"] == 2
     assert api_get(service, "/streams/door/summary").json()["preview"] is True
 
     def preview_width() -> int:

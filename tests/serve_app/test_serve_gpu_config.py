@@ -36,7 +36,7 @@ def test_the_gpu_serve_config_deploys_on_gpu_resources_and_produces_events(
     on_cpu = {"detector": {"device": "cpu"}, "classifier": {"device": "cpu"}, "url_policy": {"allowed_file_dirs": [str(clip.parent)]}}
     resources = ("--num-cpus=8", "--num-gpus=1")
     with running_service(tmp_path, "serve-gpu.yaml", redis_server.url, resources, pipeline_overrides=on_cpu) as service:
-        response = service.post_stream({"id": "gpu-config", "url": clip.as_uri(), "fps": 5, "loop": True})
+        response = service.post_stream({"camera_id": "gpu-config", "url": clip.as_uri(), "target_fps": 5, "loop": True})
         assert response.status_code == 201, response.text
         service.wait_until(lambda: service.event_count("gpu-config") >= 30, 240, "30 events from the GPU config's app")
         events = service.events("gpu-config")

@@ -54,7 +54,7 @@ def test_the_api_needs_the_token_but_healthz_does_not(service):
     for headers in ({}, {"Authorization": "Bearer not-the-token"}):
         for response in (
             requests.get(f"{service.api}/streams", headers=headers, timeout=10),
-            requests.post(f"{service.api}/streams", json={"id": "x", "url": "rtsp://h/s"}, headers=headers, timeout=10),
+            requests.post(f"{service.api}/streams", json={"camera_id": "x", "url": "rtsp://h/s"}, headers=headers, timeout=10),
             requests.delete(f"{service.api}/streams/x", headers=headers, timeout=10),
         ):
             assert response.status_code == 401, response.text
@@ -64,19 +64,19 @@ def test_the_api_needs_the_token_but_healthz_does_not(service):
 
 
 def test_bad_requests_get_4xx_with_the_reason(service):
-    bad_scheme = service.post_stream({"id": "x", "url": "ftp://host/video"})
+    bad_scheme = service.post_stream({"camera_id": "x", "url": "ftp://host/video"})
     assert bad_scheme.status_code == 422 and "unsupported URL scheme" in bad_scheme.text
-    bad_fps = service.post_stream({"id": "x", "url": "rtsp://h/s", "fps": -1})
+    bad_fps = service.post_stream({"camera_id": "x", "url": "rtsp://h/s", "target_fps": -1})
     assert bad_fps.status_code == 422 and "target_fps" in bad_fps.text
     assert service.post_stream({"url": "rtsp://h/s"}).status_code == 422  # no id
-    assert service.post_stream({"id": "x", "url": "rtsp://h/s", "options": {"nonsense": 1}}).status_code == 422
+    assert service.post_stream({"camera_id": "x", "url": "rtsp://h/s", "options": {"nonsense": 1}}).status_code == 422
     assert service.delete_stream("nope").status_code == 404
     for url in ("tcp:10.0.0.5:6379", "http://169.254.169.254/", "file:///proc/self/environ", "/etc/passwd"):
-        refused = service.post_stream({"id": "x", "url": url})
+        refused = service.post_stream({"camera_id": "x", "url": url})
         assert refused.status_code == 422 and refused.json()["detail"].startswith("stream: url: "), (url, refused.text)
     infinite = requests.post(
         f"{service.api}/streams",
-        data='{"id": "x", "url": "rtsp://h/s", "fps": Infinity}',
+        data='{"camera_id": "x", "url": "rtsp://h/s", "target_fps": Infinity}',
         headers={**service.headers, "Content-Type": "application/json"},
         timeout=10,
     )
@@ -85,9 +85,11 @@ def test_bad_requests_get_4xx_with_the_reason(service):
 
 
 def test_an_rtsp_camera_added_over_http_produces_valid_events_with_stable_tracks(service, camera_server):
-    response = service.post_stream({"id": "lobby", "url": camera_server.url, "fps": 5, "transport": "tcp", "options": FAST_RECONNECT})
+    response = service.post_stream(
+        {"camera_id": "lobby", "url": camera_server.url, "target_fps": 5, "transport": "tcp", "options": FAST_RECONNECT}
+    )
     assert response.status_code == 201, response.text
-    assert service.post_stream({"id": "lobby", "url": camera_server.url}).status_code == 409
+    assert service.post_stream({"camera_id": "lobby", "url": camera_server.url}).status_code == 409
 
     service.wait_until(lambda: service.event_count("lobby") >= 60, 240, "60 events from the RTSP camera")
     events = service.events("lobby")
@@ -147,7 +149,7 @@ def test_the_camera_comes_back_after_the_rtsp_server_restarts(service, camera_se
 
 def test_a_camera_with_a_bad_url_does_not_stop_the_good_one(service):
     dead = f"rtsp://127.0.0.1:{free_port()}/nothing-here"
-    assert service.post_stream({"id": "broken", "url": dead, "options": FAST_RECONNECT}).status_code == 201
+    assert service.post_stream({"camera_id": "broken", "url": dead, "options": FAST_RECONNECT}).status_code == 201
     service.wait_until(lambda: service.streams()["broken"]["reconnects"] >= 2, 60, "reconnect attempts of the broken camera")
     broken = service.streams()["broken"]
     assert broken["state"] in ("reconnecting", "connecting") and broken["last_error"]
@@ -162,8 +164,11 @@ def test_a_camera_the_detector_fails_on_does_not_stop_the_good_one(service, came
     thin = RtspServer(encode_test_clip(work / "thin.mp4", frames=50, size=(1920, 40)), free_port(), work / "rtsp-thin.log")
     thin.start()
     try:
-        assert service.post_stream({"id": "thin", "url": thin.url, "fps": 5, "options": FAST_RECONNECT}).status_code == 201
-        assert service.post_stream({"id": "second", "url": camera_server.url, "fps": 5, "options": FAST_RECONNECT}).status_code == 201
+        assert service.post_stream({"camera_id": "thin", "url": thin.url, "target_fps": 5, "options": FAST_RECONNECT}).status_code == 201
+        assert (
+            service.post_stream({"camera_id": "second", "url": camera_server.url, "target_fps": 5, "options": FAST_RECONNECT}).status_code
+            == 201
+        )
 
         def thin_failures() -> int:
             return int(service.ingest()["frames_failed"].get("thin", {}).get("detect", 0))
@@ -181,7 +186,7 @@ def test_a_camera_the_detector_fails_on_does_not_stop_the_good_one(service, came
 
 
 def test_event_keys_stay_unique_when_a_camera_is_deleted_and_added_again(service, camera_server):
-    body = {"id": "again", "url": camera_server.url, "fps": 5, "options": FAST_RECONNECT}
+    body = {"camera_id": "again", "url": camera_server.url, "target_fps": 5, "options": FAST_RECONNECT}
     try:
         for start in range(2):
             count = service.event_count("again")

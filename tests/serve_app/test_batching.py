@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from pipeline.batching import BusyAwareBatchWait
+from serve_app.batching import BusyAwareBatchWait
 
 
 def test_idle_model_waits_only_the_base_wait() -> None:
