@@ -278,13 +278,17 @@ class CameraSource:
             if outcome == _Outcome.STOPPED or self._stop_event.is_set():
                 return
             if outcome == _Outcome.EOF and self._is_file:
-                if self.config.loop and self._segment_frames > 0:
+                if self._segment_frames == 0:
+                    # A video stream whose samples are missing or all damaged ends like a finished clip;
+                    # counted as this camera's failure, it is not mistaken for a short clip (nor looped over).
+                    self._record_error("decode", f"{self._display_url} ended without a decodable frame")
+                    self._transition(StreamState.FAILED)
+                    return
+                if self.config.loop:
                     # Reopening is cheap for a local file and, unlike seek(0), works for raw
                     # H.264 and MPEG-TS too; the timeline keeps PTS increasing across loops.
                     log.debug("camera %s: end of file, looping", self.camera_id)
                     continue
-                if self.config.loop:
-                    log.error("camera %s: %s has no decodable frames; not looping over it", self.camera_id, self._display_url)
                 self._transition(StreamState.ENDED)
                 return
             if outcome == _Outcome.EOF:

@@ -172,12 +172,13 @@ def test_loop_reopens_the_file_and_the_timeline_continues(metrics, start):
     assert source.status().state == StreamState.STOPPED and reader.closes == reader.opens
 
 
-def test_a_looped_file_without_frames_ends_instead_of_spinning(start, caplog):
-    caplog.set_level(logging.ERROR, logger="ferstream.sources")
-    source, reader = start(make_config(FILE, loop=True), Connection([NoFrame()]), Connection(frames(1)))
-    wait_until(lambda: source.finished, what="ENDED")
-    assert source.status().state == StreamState.ENDED and reader.opens == 1
-    assert any("has no decodable frames; not looping" in r.getMessage() for r in caplog.records)
+@pytest.mark.parametrize("loop", [False, True])
+def test_a_file_without_frames_fails_counted_instead_of_ending_or_spinning(metrics, start, loop):
+    source, reader = start(make_config(FILE, loop=loop), Connection([NoFrame()]), Connection(frames(1)))
+    wait_until(lambda: source.finished, what="FAILED")
+    assert source.status().state == StreamState.FAILED and reader.opens == 1
+    assert "ended without a decodable frame" in (source.status().last_error or "")
+    assert sample(metrics, "decode_errors_total", kind="decode") == 1
 
 
 def test_a_slow_consumer_gets_the_freshest_frame_of_a_live_stream(metrics, start):
