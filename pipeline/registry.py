@@ -343,9 +343,7 @@ class ShardWorker:
         with self._lock:
             expired = [camera_id for camera_id in self.fence.expired(self._clock()) if camera_id in self.running]
         if expired:
-            log.warning(
-                "worker %s: leases of %s not renewed in time; stopping them before they expire", self.worker_id, ", ".join(expired)
-            )
+            log.warning("worker %s: leases of %s not renewed in time; stopping them before they expire", self.worker_id, ", ".join(expired))
             with self._lock:
                 self.fenced.extend(expired)
             # Release too: when the lease was stolen the compare-and-delete does nothing, and when
@@ -384,9 +382,7 @@ class ShardWorker:
                 if self.running.pop(camera_id, None) is None:
                     continue  # already stopping (the fence and a reconcile can both find it)
                 self.fence.forget(camera_id)
-                thread = threading.Thread(
-                    target=self._stop_one, args=(camera_id, release), name=f"ferstream-stop-{camera_id}", daemon=True
-                )
+                thread = threading.Thread(target=self._stop_one, args=(camera_id, release), name=f"ferstream-stop-{camera_id}", daemon=True)
                 self._stopping[camera_id] = thread
                 threads.append(thread)
         for thread in threads:
@@ -409,7 +405,9 @@ class ShardWorker:
             self.registry.release(camera_id, self.worker_id)
         except redis.RedisError as error:
             # Not fatal: the lease expires within lease_s and nobody renews it.
-            self._release_errors.warning(type(error).__name__, "worker %s: could not release camera %s: %s", self.worker_id, camera_id, error)
+            self._release_errors.warning(
+                type(error).__name__, "worker %s: could not release camera %s: %s", self.worker_id, camera_id, error
+            )
 
     def _wait(self, threads: Iterable[threading.Thread], timeout_s: float) -> bool:
         deadline = self._clock() + timeout_s
