@@ -160,6 +160,16 @@ class CameraRegistry:
     def release(self, camera_id: str, owner: str) -> None:
         self._release(keys=[self._lease_key(camera_id)], args=[owner])
 
+    def release_many(self, camera_ids: Iterable[str], owner: str) -> None:
+        """Release several leases in one round-trip (a shutdown's time does not grow with cameras)."""
+        ids = list(camera_ids)
+        if not ids:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for camera_id in ids:
+            self._release(keys=[self._lease_key(camera_id)], args=[owner], client=pipe)
+        pipe.execute()
+
     def owner(self, camera_id: str) -> str | None:
         return self.owners([camera_id])[camera_id]
 
@@ -287,6 +297,7 @@ class ShardWorker:
         self._stopping: dict[str, threading.Thread] = {}
         self.fenced: list[str] = []  # cameras stopped by the fence, oldest first (for operators and tests)
         self._shutdown_stopped: list[str] = []  # what stop_all stopped in time: release_all frees those leases
+        self._closed = False  # set by stop_all: a reconcile tick still running then claims nothing more
         self._fence_thread: threading.Thread | None = None
         self._fence_stop = threading.Event()
         # A camera that cannot start is retried every tick: log it once per interval, with a count.
@@ -320,6 +331,8 @@ class ShardWorker:
         plan = plan_reconcile(desired, running, [*lost, *changed], share, unowned=free)
         self._wait(self._stop_in_background(plan.stop, release=True), self.stop_wait_s)
         for camera_id in plan.claim:
+            if self._closed:
+                break
             sent_at = self._clock()
             if not self.registry.claim(camera_id, self.worker_id):
                 continue  # another worker was faster
@@ -335,6 +348,9 @@ class ShardWorker:
             with self._lock:
                 self.running[camera_id] = desired[camera_id]
                 self.fence.held(camera_id, sent_at)
+                closed = self._closed
+            if closed:  # stop_all ran while it started: stop it too, as stop_all would have
+                self._stop_in_background([camera_id], release=True)
         return plan
 
     # -- fencing ------------------------------------------------------------------------------
@@ -428,6 +444,7 @@ class ShardWorker:
         Returns the cameras still decoding when the time was up."""
         self.stop_fence()
         with self._lock:
+            self._closed = True
             camera_ids = sorted(self.running)
         self._stop_in_background(camera_ids, release=False)
         self.wait_stopped(timeout_s)
@@ -439,8 +456,11 @@ class ShardWorker:
         decoding keeps its lease until it expires, so no other worker decodes it meanwhile), and
         leave the live workers. Returns the cameras released."""
         released, self._shutdown_stopped = self._shutdown_stopped, []
-        for camera_id in released:
-            self._release(camera_id)
+        try:
+            self.registry.release_many(released, self.worker_id)
+        except redis.RedisError as error:
+            log.warning("worker %s: could not release %d leases (they expire within the lease): %s", self.worker_id, len(released), error)
+            released = []
         try:
             self.registry.leave(self.worker_id)
         except redis.RedisError as error:
