@@ -411,15 +411,17 @@ class ShardWorker:
         except Exception:
             log.exception("worker %s: stopping camera %s failed", self.worker_id, camera_id)
         finally:
-            if release:
-                self._release(camera_id)
-            with self._lock:
-                self._stopping.pop(camera_id, None)
+            try:
+                if release:
+                    self._release(camera_id)
+            finally:  # whatever the release did: a camera left in _stopping would never be claimed again
+                with self._lock:
+                    self._stopping.pop(camera_id, None)
 
     def _release(self, camera_id: str) -> None:
         try:
             self.registry.release(camera_id, self.worker_id)
-        except redis.RedisError as error:
+        except Exception as error:  # Redis errors, or a client closed under it: never fatal to the stop thread
             # Not fatal: the lease expires within lease_s and nobody renews it.
             self._release_errors.warning(
                 type(error).__name__, "worker %s: could not release camera %s: %s", self.worker_id, camera_id, error

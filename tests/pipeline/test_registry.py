@@ -468,11 +468,12 @@ class StopLog:
 
     def __call__(self, camera_id: str) -> None:
         time.sleep(self.delay_s)  # a decode thread takes a while to notice
-        self.stopped_at[camera_id] = time.monotonic()
+        stopped_at = time.monotonic()
         try:
             self.pttl_at_stop[camera_id] = int(self.observer.pttl(lease_key(camera_id)))  # type: ignore[arg-type]
         except redis.RedisError:
             self.pttl_at_stop[camera_id] = -3
+        self.stopped_at[camera_id] = stopped_at  # last: the tests wait for this one
 
 
 def reconcile_forever(worker: ShardWorker, stop: threading.Event, interval_s: float) -> threading.Thread:
@@ -558,6 +559,7 @@ def test_a_worker_cut_off_from_redis_stops_its_cameras_before_the_lease_expires(
     halt.set()
     reconciler.join(5.0)
     worker.stop_fence()
+    assert worker.wait_stopped(5.0)  # the releases time out (or fail) and the stop threads end
     client.close()
 
 
