@@ -338,6 +338,8 @@ class IngestDeployment:
     def __del__(self) -> None:
         """Serve's shutdown hook: stop decoding, flush the outage buffer, release the leases
         (pipeline.shutdown), within graceful_shutdown_timeout_s."""
+        if getattr(self, "shutdown_report", None) is not None:
+            return  # Serve called it already; this is the garbage collector's call
         self._stop.set()
         self._reconciler.join(timeout=RECONCILER_JOIN_S)
         self.shutdown_report = shut_down_worker(self.shard, self.publisher, INGEST_SHUTDOWN)
