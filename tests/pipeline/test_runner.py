@@ -18,7 +18,7 @@ from pipeline.detection import FaceDetection, build_detector
 from pipeline.events import EventPublisher, ExpressionEvent, stream_key, validate_event_dict
 from pipeline.metrics import PipelineMetrics
 from pipeline.runner import ModelStages, StreamPipeline
-from pipeline.sources import VideoFrame
+from pipeline.sources import StreamState, VideoFrame
 from tests.media import encode_test_clip
 from tests.pipeline.events.helpers import MemorySink
 
@@ -284,6 +284,22 @@ def test_detection_interval_detects_every_nth_frame_and_classifies_every_frame_o
     assert [boxes[index][0] for index in (3, 4, 5, 6)] == [19, 22, 25, 28]
     assert metrics.registry.get_sample_value("ferstream_faces_detected_total", {"camera": "cam"}) == 3
     pipeline.publisher.close()
+
+
+def test_stop_sources_stops_every_camera_at_once_and_keeps_them_listed(tmp_path) -> None:
+    pipeline, _sink, _metrics = fake_pipeline()
+    clip = encode_test_clip(tmp_path / "clip.mp4", frames=50)
+    for camera_id in ("c1", "c2", "c3"):
+        pipeline.add_camera(SourceConfig(camera_id=camera_id, url=str(clip), loop=True, realtime=True, target_fps=10))
+    deadline = time.monotonic() + 10.0
+    while any(status.state is not StreamState.STREAMING for status in pipeline.statuses()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pipeline.stop_sources(timeout_s=5.0) == []
+    statuses = pipeline.statuses()  # still there for the exit summary; close() removes them
+    assert sorted(status.camera_id for status in statuses) == ["c1", "c2", "c3"]
+    assert all(status.state is StreamState.STOPPED for status in statuses)
+    assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("ferstream-stop-")]
+    pipeline.close()
 
 
 # -- a Redis outage under 4 cameras (real sources, real redis-server, fake models) ----------------------
