@@ -123,6 +123,8 @@ def _run_pipeline(args: argparse.Namespace, config: PipelineConfig) -> int:
             pipeline.add_camera(camera)
         pipeline.run(max_seconds=args.max_seconds)
         statuses = pipeline.statuses()  # before close: it removes the cameras
+        # Stop decoding, then deliver the outage buffer (pipeline.shutdown's order; no leases here).
+        pipeline.stop_sources()
         publisher.close(args.close_timeout)  # pipeline.close() closes it again, which does nothing
     finally:
         pipeline.close()

@@ -24,6 +24,7 @@ from pipeline.events import EventPublisher, ExpressionEvent
 from pipeline.frames import SourceStatus, VideoFrame
 from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit
 from pipeline.metrics import PipelineMetrics
+from pipeline.shutdown import stop_cameras
 from pipeline.sources.camera import CameraSource
 from pipeline.sources.readers import frame_reader_for
 
@@ -34,6 +35,8 @@ EventsCallback = Callable[[str, list[ExpressionEvent]], None]
 
 # How long the loop waits for a first ready frame before checking again for stop/finish.
 IDLE_WAIT_S = 0.05
+# How long a shutdown waits for the cameras' decode threads, all stopping at once.
+SOURCE_STOP_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,16 @@ class StreamPipeline:
     def stop(self) -> None:
         self._stop.set()
 
+    def stop_sources(self, timeout_s: float = SOURCE_STOP_S) -> list[str]:
+        """Shutdown's first step: stop every camera's decoding at once (the cameras stay listed,
+        with their statuses, until ``close``); returns those still stopping after ``timeout_s``."""
+        with self._lock:
+            sources = dict(self._sources)
+        return stop_cameras(((camera_id, source.stop) for camera_id, source in sources.items()), timeout_s)
+
     def close(self) -> None:
         self.stop()
+        self.stop_sources()  # all at once first: removing them one by one would wait for each in turn
         for camera_id in [status.camera_id for status in self.statuses()]:
             # Shutting down is not removing: the series stay for the last scrape and the exit summary.
             self.remove_camera(camera_id, forget_series=False)

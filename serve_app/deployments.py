@@ -40,6 +40,7 @@ from pipeline.log_limits import RepeatLimitedLog
 from pipeline.metrics import PipelineMetrics
 from pipeline.preview import PreviewStore, PreviewWriter
 from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
+from pipeline.shutdown import ShutdownBudget, ShutdownReport, shut_down_worker
 from pipeline.sources.camera import CameraSource
 from pipeline.sources.readers import frame_reader_for
 from serve_app.api import OPEN_PATHS, StreamController, build_api
@@ -52,6 +53,17 @@ log = logging.getLogger("ferstream.serve")
 # on each: a dead replica's cameras move to another one after at most LEASE_S.
 RECONCILE_INTERVAL_S = 1.0
 LEASE_S = 10.0
+# A replica that could not renew a lease for LEASE_S - LEASE_FENCE_MARGIN_S stops that camera, so it
+# has stopped before the lease expires and another replica claims it (about 6 failed renewals first).
+LEASE_FENCE_MARGIN_S = 3.0
+FENCE_CHECK_INTERVAL_S = 0.2
+# On shutdown: how long to wait for a reconcile tick in progress (it may be in a Redis call), then the
+# steps of pipeline.shutdown. Their sum stays under the Ingest's graceful_shutdown_timeout_s in
+# configs/serve-*.yaml (tests/serve_app/test_app.py checks it).
+RECONCILER_JOIN_S = 2.0
+INGEST_SHUTDOWN = ShutdownBudget(stop_s=8.0, flush_s=10.0)
+# The replica's own threads, not a camera's (describe() lists the cameras' ones).
+REPLICA_THREADS = frozenset({"ferstream-reconciler", "ferstream-lease-fence"})
 MODEL_CALL_TIMEOUT_S = 30.0
 
 
@@ -306,9 +318,13 @@ class IngestDeployment:
         self._metadata: ModelMetadata | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.shard = ShardWorker(self.registry, self.worker_id, start=self._start_session, stop=self._stop_session)
+        self.shard = ShardWorker(
+            self.registry, self.worker_id, start=self._start_session, stop=self._stop_session, fence_margin_s=LEASE_FENCE_MARGIN_S
+        )
+        self.shutdown_report: ShutdownReport | None = None
         self._reconciler = threading.Thread(target=self._reconcile_forever, name="ferstream-reconciler", daemon=True)
         self._reconciler.start()
+        self.shard.start_fence(FENCE_CHECK_INTERVAL_S)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.options = parse_config(IngestOptions, user_config, "Ingest.user_config")
@@ -316,19 +332,30 @@ class IngestDeployment:
     def check_health(self) -> None:
         if not self._reconciler.is_alive():
             raise RuntimeError("the camera reconciler thread died")
+        if not self.shard.fence_alive:
+            raise RuntimeError("the lease fence thread died")
 
     def describe(self) -> dict[str, Any]:
         """This replica's cameras, live ferstream threads and frames lost per camera and stage (for operators and the tests)."""
         with self._lock:
             cameras = sorted(self.sessions)
-        threads = sorted(t.name for t in threading.enumerate() if t.name.startswith("ferstream-") and t.name != "ferstream-reconciler")
-        return {"worker_id": self.worker_id, "cameras": cameras, "threads": threads, "frames_failed": self.failures.counts()}
+        threads = sorted(t.name for t in threading.enumerate() if t.name.startswith("ferstream-") and t.name not in REPLICA_THREADS)
+        return {
+            "worker_id": self.worker_id,
+            "cameras": cameras,
+            "threads": threads,
+            "frames_failed": self.failures.counts(),
+            "fenced": list(self.shard.fenced),
+        }
 
     def __del__(self) -> None:
+        """Serve's shutdown hook: stop decoding, flush the outage buffer, release the leases
+        (pipeline.shutdown), within graceful_shutdown_timeout_s."""
+        if getattr(self, "shutdown_report", None) is not None:
+            return  # Serve called it already; this is the garbage collector's call
         self._stop.set()
-        self._reconciler.join(timeout=RECONCILE_INTERVAL_S * 5)
-        self.shard.shutdown()
-        self.publisher.close()
+        self._reconciler.join(timeout=RECONCILER_JOIN_S)
+        self.shutdown_report = shut_down_worker(self.shard, self.publisher, INGEST_SHUTDOWN)
 
     # -- reconciliation ---------------------------------------------------------------------
     def _reconcile_forever(self) -> None:

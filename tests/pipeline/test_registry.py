@@ -8,10 +8,14 @@ rather than sleeping a fixed time; renewals are checked through PTTL, not by rac
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,7 @@ import redis
 
 from pipeline.config import SourceConfig
 from pipeline.frames import SourceStatus, StreamState
-from pipeline.registry import AddOutcome, CameraRegistry, ReconcilePlan, ShardWorker, plan_reconcile, status_to_dict
+from pipeline.registry import AddOutcome, CameraRegistry, LeaseFence, ReconcilePlan, ShardWorker, plan_reconcile, status_to_dict
 from tests.conftest import RedisServer
 
 PREFIX = "test"
@@ -412,3 +416,221 @@ def test_the_event_reader_acl_of_security_md_reads_events_but_not_the_registry(c
         with pytest.raises(redis.exceptions.NoPermissionError):
             forbidden()
     reader.close()
+
+
+# -- fencing: a worker that cannot renew stops decoding before its lease can expire --------------
+
+
+def test_lease_fence_expires_a_margin_before_the_lease() -> None:
+    fence = LeaseFence(lease_s=10.0, margin_s=3.0)
+    fence.held("a", sent_at=100.0)
+    fence.held("b", sent_at=102.0)
+    assert fence.expired(106.9) == [] and fence.expired(107.0) == ["a"] and fence.expired(109.0) == ["a", "b"]
+    fence.held("a", sent_at=99.0)  # a renewal that was sent earlier but answered later moves nothing back
+    assert fence.remaining_s("a", 100.0) == 7.0
+    fence.forget("a")
+    assert fence.remaining_s("a", 100.0) is None and fence.expired(200.0) == ["b"]
+    for margin in (0.0, 10.0, -1.0):
+        with pytest.raises(ValueError, match="fence margin"):
+            LeaseFence(lease_s=10.0, margin_s=margin)
+
+
+class RecordingRegistry(CameraRegistry):
+    """Remembers when each renewal that succeeded was sent: the lease lasts at least lease_s from then."""
+
+    def __init__(self, client: redis.Redis, prefix: str, lease_s: float) -> None:
+        super().__init__(client, prefix, lease_s)
+        self.renewed_at: dict[str, float] = {}
+
+    def renew_many(self, camera_ids: Iterable[str], owner: str) -> dict[str, bool]:
+        sent_at = time.monotonic()
+        renewed = super().renew_many(camera_ids, owner)
+        self.renewed_at.update({camera_id: sent_at for camera_id, ok in renewed.items() if ok})
+        return renewed
+
+    def claim(self, camera_id: str, owner: str) -> bool:
+        sent_at = time.monotonic()
+        claimed = super().claim(camera_id, owner)
+        if claimed:
+            self.renewed_at[camera_id] = sent_at
+        return claimed
+
+
+class StopLog:
+    """The stop callback of a fenced worker: when each camera stopped, and the lease's TTL left then
+    (read through a client of its own, which fails while Redis is down: -3 then)."""
+
+    def __init__(self, url: str, delay_s: float = 0.0) -> None:
+        self.observer = redis.Redis.from_url(url, socket_timeout=0.5)
+        self.delay_s = delay_s
+        self.stopped_at: dict[str, float] = {}
+        self.pttl_at_stop: dict[str, int] = {}
+
+    def __call__(self, camera_id: str) -> None:
+        time.sleep(self.delay_s)  # a decode thread takes a while to notice
+        stopped_at = time.monotonic()
+        try:
+            self.pttl_at_stop[camera_id] = int(self.observer.pttl(lease_key(camera_id)))  # type: ignore[arg-type]
+        except redis.RedisError:
+            self.pttl_at_stop[camera_id] = -3
+        self.stopped_at[camera_id] = stopped_at  # last: the tests wait for this one
+
+
+def reconcile_forever(worker: ShardWorker, stop: threading.Event, interval_s: float) -> threading.Thread:
+    """What IngestDeployment's reconciler does: reconcile every tick, and survive Redis errors."""
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            with contextlib.suppress(redis.RedisError):
+                worker.reconcile(max_cameras=8)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.integration
+def test_a_worker_whose_renewals_stop_stops_its_cameras_before_the_lease_expires(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    registry = RecordingRegistry(client, PREFIX, lease_s=1.5)
+    for camera_id in ("a", "b"):
+        registry.add(camera(camera_id))
+    stops = StopLog(redis_server.url, delay_s=0.05)
+    worker = ShardWorker(registry, "w1", start=lambda camera: None, stop=stops, fence_margin_s=0.5)
+    worker.reconcile(max_cameras=8)
+    assert sorted(worker.running) == ["a", "b"]
+    worker.start_fence(interval_s=0.05)
+    # No more reconciles: the renewals pause (a reconciler stuck or starved).
+    worker.wait_stopped(0)  # nothing stopping yet
+    deadline = time.monotonic() + 5.0
+    while len(stops.stopped_at) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sorted(stops.stopped_at) == ["a", "b"] and sorted(worker.fenced) == ["a", "b"]
+    for camera_id in ("a", "b"):
+        assert stops.stopped_at[camera_id] < registry.renewed_at[camera_id] + 1.5
+        # Decoding stopped while the lease was still ours: no other worker could have claimed it yet.
+        assert stops.pttl_at_stop[camera_id] > 0, stops.pttl_at_stop
+    assert worker.wait_stopped(2.0) and worker.running == {}
+    assert registry.owner("a") is None  # released once stopped, so another worker can take it at once
+    worker.stop_fence()
+    client.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("outage", ["killed", "frozen"])
+def test_a_worker_cut_off_from_redis_stops_its_cameras_before_the_lease_expires(redis_server: RedisServer, outage: str) -> None:
+    # frozen: SIGSTOP, so every Redis call of the reconciler hangs for the socket timeout (longer than the
+    # lease): the fence must not depend on those calls returning.
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=3, socket_connect_timeout=3)
+    registry = RecordingRegistry(client, PREFIX, lease_s=1.5)
+    for camera_id in ("a", "b", "c", "d"):
+        registry.add(camera(camera_id))
+    stops = StopLog(redis_server.url, delay_s=0.05)
+    worker = ShardWorker(registry, "w1", start=lambda camera: None, stop=stops, fence_margin_s=0.5)
+    halt = threading.Event()
+    reconciler = reconcile_forever(worker, halt, interval_s=0.1)
+    worker.start_fence(interval_s=0.05)
+    deadline = time.monotonic() + 5.0
+    while len(worker.running) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sorted(worker.running) == ["a", "b", "c", "d"]
+    time.sleep(0.3)  # a few renewals
+    assert not stops.stopped_at
+
+    pid = redis_server.pid
+    assert pid is not None
+    try:
+        if outage == "killed":
+            redis_server.stop()
+        else:
+            os.kill(pid, signal.SIGSTOP)
+        cut_at = time.monotonic()
+        deadline = time.monotonic() + 5.0
+        while len(stops.stopped_at) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(stops.stopped_at) == ["a", "b", "c", "d"], f"not stopped: {sorted(worker.running)}"
+        for camera_id in ("a", "b", "c", "d"):
+            # Before the lease can have expired on the server, and about (lease - margin) after the last renewal.
+            assert stops.stopped_at[camera_id] < registry.renewed_at[camera_id] + 1.5
+            assert stops.stopped_at[camera_id] - cut_at < 1.5
+    finally:
+        if outage == "frozen":
+            os.kill(pid, signal.SIGCONT)
+    halt.set()
+    reconciler.join(5.0)
+    worker.stop_fence()
+    assert worker.wait_stopped(5.0)  # the releases time out (or fail) and the stop threads end
+    client.close()
+
+
+@pytest.mark.integration
+def test_a_stolen_lease_stops_the_camera_at_the_next_renewal_and_stays_with_the_thief(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    registry = CameraRegistry(client, PREFIX, lease_s=5.0)
+    registry.add(camera("a"))
+    stops = StopLog(redis_server.url)
+    worker = ShardWorker(registry, "w1", start=lambda camera: None, stop=stops)
+    worker.reconcile(max_cameras=8)
+    assert list(worker.running) == ["a"]
+    client.set(lease_key("a"), "w2", px=5000)  # another worker's lease, e.g. after a clock jump or an operator's fix
+    worker.reconcile(max_cameras=8)
+    assert worker.running == {} and "a" in stops.stopped_at
+    assert registry.owner("a") == "w2"  # stopping does not release the thief's lease
+    worker.reconcile(max_cameras=8)
+    assert worker.running == {}  # nor does the worker claim it back
+    client.close()
+
+
+@pytest.mark.integration
+def test_a_camera_slow_to_stop_holds_up_neither_the_others_nor_the_reconcile(registry: CameraRegistry) -> None:
+    for camera_id in ("fast", "slow"):
+        registry.add(camera(camera_id))
+    unblock = threading.Event()
+    stopped: list[str] = []
+
+    def stop(camera_id: str) -> None:
+        if camera_id == "slow":
+            unblock.wait(10.0)  # e.g. a decode thread blocked in network I/O
+        stopped.append(camera_id)
+
+    worker = ShardWorker(registry, "w1", start=lambda camera: None, stop=stop, stop_wait_s=0.3)
+    worker.reconcile(max_cameras=8)
+    registry.remove("fast")
+    registry.remove("slow")
+    started = time.monotonic()
+    worker.reconcile(max_cameras=8)
+    assert time.monotonic() - started < 1.0
+    assert stopped == ["fast"] and registry.owner("fast") is None
+    assert worker.stopping == ["slow"] and registry.owner("slow") == "w1"  # its lease is kept while it decodes
+    registry.add(camera("slow"))  # added back meanwhile: not started twice on this worker
+    worker.reconcile(max_cameras=8)
+    assert worker.running == {} and worker.stopping == ["slow"]
+    unblock.set()
+    assert worker.wait_stopped(5.0)
+    assert registry.owner("slow") is None
+    worker.reconcile(max_cameras=8)
+    assert list(worker.running) == ["slow"]
+
+
+@pytest.mark.integration
+def test_shutdown_stops_all_cameras_at_once_and_keeps_the_lease_of_one_that_did_not_stop(registry: CameraRegistry) -> None:
+    ids = ["a", "b", "c", "stuck"]
+    for camera_id in ids:
+        registry.add(camera(camera_id))
+    unblock = threading.Event()
+
+    def stop(camera_id: str) -> None:
+        time.sleep(0.3)
+        if camera_id == "stuck":
+            unblock.wait(10.0)
+
+    worker = ShardWorker(registry, "w1", start=lambda camera: None, stop=stop)
+    worker.reconcile(max_cameras=8)
+    started = time.monotonic()
+    assert worker.stop_all(timeout_s=1.0) == ["stuck"]
+    assert time.monotonic() - started < 1.5  # bounded by timeout_s, whatever the stuck camera does
+    assert set(owners(registry, ids).values()) == {"w1"}  # stop_all keeps the leases (the flush comes first)
+    assert worker.release_all() == ["a", "b", "c"]
+    assert owners(registry, ids) == {"a": None, "b": None, "c": None, "stuck": "w1"}
+    unblock.set()
+    assert worker.wait_stopped(5.0)

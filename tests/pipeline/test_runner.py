@@ -1,6 +1,8 @@
 """The single-process pipeline: end to end with real clips, real MTCNN, the shipped model and a real redis-server;
 failure isolation with fake models."""
 
+import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 
@@ -13,7 +15,7 @@ from pipeline.analysis import CameraAnalyzer
 from pipeline.config import MTCNNConfig, PipelineConfig, SourceConfig, parse_config
 from pipeline.detection import FaceDetection, build_detector
 from pipeline.events import EventPublisher, ExpressionEvent, stream_key, validate_event_dict
-from pipeline.frames import VideoFrame
+from pipeline.frames import StreamState, VideoFrame
 from pipeline.metrics import PipelineMetrics
 from pipeline.runner import ModelStages, StreamPipeline
 from tests.media import encode_test_clip
@@ -281,3 +283,89 @@ def test_detection_interval_detects_every_nth_frame_and_classifies_every_frame_o
     assert [boxes[index][0] for index in (3, 4, 5, 6)] == [19, 22, 25, 28]
     assert metrics.registry.get_sample_value("ferstream_faces_detected_total", {"camera": "cam"}) == 3
     pipeline.publisher.close()
+
+
+def test_stop_sources_stops_every_camera_at_once_and_keeps_them_listed(tmp_path) -> None:
+    pipeline, _sink, _metrics = fake_pipeline()
+    clip = encode_test_clip(tmp_path / "clip.mp4", frames=50)
+    for camera_id in ("c1", "c2", "c3"):
+        pipeline.add_camera(SourceConfig(camera_id=camera_id, url=str(clip), loop=True, realtime=True, target_fps=10))
+    deadline = time.monotonic() + 10.0
+    while any(status.state is not StreamState.STREAMING for status in pipeline.statuses()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pipeline.stop_sources(timeout_s=5.0) == []
+    statuses = pipeline.statuses()  # still there for the exit summary; close() removes them
+    assert sorted(status.camera_id for status in statuses) == ["c1", "c2", "c3"]
+    assert all(status.state is StreamState.STOPPED for status in statuses)
+    assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("ferstream-stop-")]
+    pipeline.close()
+
+
+# -- a Redis outage under 4 cameras (real sources, real redis-server, fake models) ----------------------
+
+OUTAGE_CAMERAS = ("cam1", "cam2", "cam3", "cam4")
+
+
+def event_key(event: ExpressionEvent) -> tuple[str, str, int, int]:
+    return (event.camera_id, event.run_id, event.frame_index, event.track_id)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("buffer_max_events", [10_000, 100], ids=["within-the-buffer", "beyond-the-buffer"])
+def test_a_redis_outage_under_four_cameras_loses_only_what_overflows_the_buffer_and_counts_it(
+    redis_server, tmp_path, buffer_max_events: int
+) -> None:
+    clip = encode_test_clip(tmp_path / "clip.mp4", frames=50)
+    events_config = {"redis_url": redis_server.url, "buffer_max_events": buffer_max_events, "retry": {"initial_s": 0.2, "max_s": 1.0}}
+    config = parse_config(PipelineConfig, {"events": events_config}, "test")
+    metrics = PipelineMetrics()
+    produced: list[ExpressionEvent] = []  # every event the pipeline published, in publish order
+    models = ModelStages(ThinFrameDetector(), FakeClassifier(), 640)  # type: ignore[arg-type]
+    publisher = EventPublisher(config.events, metrics)
+    pipeline = StreamPipeline(config, metrics, models, publisher, on_events=lambda _camera, events: produced.extend(events))
+    for camera_id in OUTAGE_CAMERAS:
+        pipeline.add_camera(SourceConfig(camera_id=camera_id, url=str(clip), loop=True, realtime=True, target_fps=10))
+    runner = threading.Thread(target=pipeline.run, kwargs={"max_seconds": 60}, daemon=True)
+    runner.start()
+    try:
+        time.sleep(2.0)
+        # Redis saves its data when it stops and loads it at start: what it acknowledged before it went
+        # down survives, so every event is either in a stream or counted as dropped (none is lost with it).
+        redis.Redis.from_url(redis_server.url).config_set("save", "3600 1")
+        down_from = len(produced)
+        redis_server.stop()  # the process is gone: every write fails at once
+        time.sleep(8.0)
+        during_outage = len(produced) - down_from
+        redis_server.start()  # same port, same data
+        time.sleep(3.0)
+    finally:
+        pipeline.stop()
+        runner.join(10.0)
+        pipeline.stop_sources()
+        publisher.close(10.0)
+        pipeline.close()
+
+    # ~4 cameras x 10 fps x 8 s: the outage really held events (and overflowed the small buffer).
+    assert during_outage > 200, during_outage
+    assert all({event.camera_id for event in produced[down_from:]} >= {camera_id} for camera_id in OUTAGE_CAMERAS)
+    stored = [event for camera_id in OUTAGE_CAMERAS for event in read_events(redis_server.url, camera_id)]
+    stored_keys = [event_key(event) for event in stored]
+    assert len(stored_keys) == len(set(stored_keys)), "duplicates after recovery"
+    produced_keys = [event_key(event) for event in produced]
+    assert len(produced_keys) == len(set(produced_keys))
+    lost = set(produced_keys) - set(stored_keys)
+    assert set(stored_keys) <= set(produced_keys)
+    drops = sum(
+        metrics.registry.get_sample_value("ferstream_events_dropped_total", {"camera": camera_id, "reason": reason}) or 0
+        for camera_id in OUTAGE_CAMERAS
+        for reason in ("buffer_full", "closed")
+    )
+    assert drops == len(lost)  # every event that did not arrive is counted, exactly
+    if buffer_max_events >= during_outage:
+        assert not lost  # 0 events lost within the buffer
+    else:
+        # The buffer kept the newest: what was lost is one run of the oldest outage events, every camera's.
+        positions = sorted(produced_keys.index(key) for key in lost)
+        assert positions == list(range(positions[0], positions[0] + len(positions)))
+        assert len(lost) >= during_outage - buffer_max_events
+        assert metrics.registry.get_sample_value("ferstream_events_dropped_total", {"camera": "cam1", "reason": "closed"}) is None

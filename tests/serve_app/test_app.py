@@ -28,15 +28,22 @@ from ray.serve.schema import (
     ServeDeploySchema,
 )
 
+import serve_app.deployments as deployments_module
 import serve_app.metrics as serve_metrics
 from pipeline.config import ConfigError, EventsConfig, PipelineConfig, SourceConfig, load_config
 from pipeline.metrics import BATCH_BUCKETS, PipelineMetrics
+from pipeline.shutdown import ShutdownBudget, ShutdownReport
 from serve_app.api import StreamRequest
 from serve_app.app import REPO_ROOT, absolute_file_url, build_app, load_cameras, resolve_path
 from serve_app.batching import BusyAwareBatchWait
 from serve_app.deployments import (
     CLASSIFIER_BATCHING,
     DETECTOR_BATCHING,
+    INGEST_SHUTDOWN,
+    LEASE_FENCE_MARGIN_S,
+    LEASE_S,
+    RECONCILE_INTERVAL_S,
+    RECONCILER_JOIN_S,
     BatchingOptions,
     ControllerDeployment,
     ExpressionClassifierDeployment,
@@ -123,6 +130,46 @@ def test_ingest_user_config_is_valid(relative: str) -> None:
     ingest = deployments(load_serve_config(relative))["Ingest"]
     IngestOptions.model_validate(ingest["user_config"])
     assert "autoscaling_config" not in ingest  # it serves no requests: request-based autoscaling cannot see its load
+
+
+@pytest.mark.parametrize("relative", SERVE_CONFIGS)
+def test_ingest_shutdown_fits_in_the_grace_period_the_config_sets(relative: str) -> None:
+    config = load_serve_config(relative)
+    ingest = deployments(config)["Ingest"]
+    # Explicit: Serve's default would change with Ray's version, and a kill mid-flush loses the outage buffer.
+    assert "graceful_shutdown_timeout_s" in ingest, f"{relative}: Ingest must set graceful_shutdown_timeout_s"
+    schema = DeploymentSchema.model_validate(ingest)
+    pipeline = load_config(REPO_ROOT / application(config)["args"]["pipeline_config"])
+    # Serve first waits for requests in flight (describe() calls) for up to graceful_shutdown_wait_loop_s, then runs __del__.
+    wait_loop_s = ingest.get("graceful_shutdown_wait_loop_s", 2.0)
+    shutdown_s = wait_loop_s + RECONCILER_JOIN_S + INGEST_SHUTDOWN.bound_s(pipeline.events.socket_timeout_s)
+    assert shutdown_s < schema.graceful_shutdown_timeout_s, f"{relative}: shutdown takes up to {shutdown_s:g}s"
+    assert INGEST_SHUTDOWN.flush_s < schema.graceful_shutdown_timeout_s
+
+
+def test_the_lease_fence_leaves_renewals_room_and_stops_cameras_before_expiry() -> None:
+    assert 0 < LEASE_FENCE_MARGIN_S < LEASE_S
+    assert (LEASE_S - LEASE_FENCE_MARGIN_S) / RECONCILE_INTERVAL_S >= 5  # a few failed renewals before a camera stops
+
+
+def test_ingest_shutdown_hook_stops_the_reconciler_then_shuts_the_worker_down_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Any, ...]] = []
+    report = ShutdownReport(still_stopping=[], undelivered=0, released=["a"], duration_s=0.1)
+
+    def record(shard: Any, publisher: Any, budget: ShutdownBudget) -> ShutdownReport:
+        calls.append((shard, publisher, budget, replica._reconciler.is_alive()))
+        return report
+
+    monkeypatch.setattr(deployments_module, "shut_down_worker", record)
+    replica = object.__new__(IngestDeployment.func_or_class)  # no Ray: only the hook's wiring is under test
+    replica._stop = threading.Event()
+    replica._reconciler = threading.Thread(target=lambda: replica._stop.wait(30))
+    replica._reconciler.start()
+    replica.shard, replica.publisher = object(), object()
+    replica.__del__()
+    replica.__del__()  # the garbage collector's call after Serve's
+    assert calls == [(replica.shard, replica.publisher, INGEST_SHUTDOWN, False)]
+    assert replica.shutdown_report is report
 
 
 def test_gpu_config_puts_the_models_on_gpus() -> None:

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,3 +227,60 @@ def test_subscriber_options_are_checked() -> None:
         EventSubscriber("redis://127.0.0.1:1/0", PREFIX, "cam1", "g", "c", claim_idle_ms=0)
     with pytest.raises(ValueError, match="maintenance_interval_s"):
         EventSubscriber("redis://127.0.0.1:1/0", PREFIX, "cam1", "g", "c", maintenance_interval_s=-1)
+
+
+# A consumer in its own process: reads every pending event of two cameras, acks the first `acked`
+# of each, prints what it acked and what it holds, then hangs until it is killed.
+CONSUMER_SCRIPT = """
+import json, sys, time
+from pipeline.events import EventSubscriber
+url, acked = sys.argv[1], int(sys.argv[2])
+subscriber = EventSubscriber(url, "test", ["cam1", "cam2"], "analytics", "analytics-0", start_id="0", block_ms=200, claim_idle_ms=None)
+got = []
+while len(got) < 20:
+    got += subscriber.read()
+done = [m for camera in ("cam1", "cam2") for m in [m for m in got if m.event.camera_id == camera][:acked]]
+for message in done:
+    subscriber.ack(message.stream, message.message_id)
+held = [m.message_id for m in got if m not in done]
+print(json.dumps({"acked": [m.message_id for m in done], "held": held}), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.integration
+def test_a_killed_consumer_process_leaves_its_unacked_events_to_another_that_processes_each_once(redis_server: Any) -> None:
+    publisher = EventPublisher(real_config(redis_server.url), PipelineMetrics())
+    for frame in range(10):
+        for camera in ("cam1", "cam2"):
+            publisher.publish(camera, frame_events(camera, frame))
+    assert publisher.flush(5.0)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
+    consumer = subprocess.Popen([sys.executable, "-c", CONSUMER_SCRIPT, redis_server.url, "3"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert consumer.stdout is not None
+        line = consumer.stdout.readline()
+        assert line, f"the consumer exited with {consumer.poll()}"
+        report = json.loads(line)
+    finally:
+        consumer.send_signal(signal.SIGKILL)  # dies with 14 events delivered and not acked: no close, no goodbye
+        consumer.wait(10)
+    assert len(report["acked"]) == 6 and len(report["held"]) == 14
+
+    survivor = EventSubscriber(
+        redis_server.url, PREFIX, ["cam1", "cam2"], "analytics", "analytics-1", block_ms=50, claim_idle_ms=500, maintenance_interval_s=0
+    )
+    processed: list[str] = []
+    deadline = time.monotonic() + 10.0
+    while len(processed) < 14 and time.monotonic() < deadline:
+        for message in survivor.read():
+            processed.append(message.message_id)
+            survivor.ack(message.stream, message.message_id)
+        time.sleep(0.1)
+    for _ in range(3):
+        processed += [message.message_id for message in survivor.read()]  # nothing comes twice, nothing acked comes back
+    assert sorted(processed) == sorted(report["held"])
+    for camera in ("cam1", "cam2"):
+        assert survivor.client.xpending(f"{PREFIX}:events:{camera}", "analytics")["pending"] == 0
+    survivor.close()
+    publisher.close()
