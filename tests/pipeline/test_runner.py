@@ -320,7 +320,7 @@ def test_a_redis_outage_under_four_cameras_loses_only_what_overflows_the_buffer_
     config = parse_config(PipelineConfig, {"events": events_config}, "test")
     metrics = PipelineMetrics()
     produced: list[ExpressionEvent] = []  # every event the pipeline published, in publish order
-    models = ModelStages(ThinFrameDetector(), FakeClassifier(), 640)  # type: ignore[arg-type]
+    models = ModelStages(ThinFrameDetector(), FakeClassifier(), 640, face_margin=0.0)  # type: ignore[arg-type]
     publisher = EventPublisher(config.events, metrics)
     pipeline = StreamPipeline(config, metrics, models, publisher, on_events=lambda _camera, events: produced.extend(events))
     for camera_id in OUTAGE_CAMERAS:
