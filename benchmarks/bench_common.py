@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench_servers import RedisServer, free_port, wait_for_port, wait_until  # noqa: E402,F401 - re-exported
+from pipeline.local_servers import RedisServer, free_port, wait_for_port, wait_until  # noqa: E402,F401 - re-exported
 
 DEFAULT_CLIP = "head-pose-face-detection-female-and-male"
 
@@ -73,13 +73,6 @@ def decode_clip(path: Path) -> tuple[ClipInfo, list[Any]]:
         images = [frame.to_ndarray(format="bgr24") for frame in container.decode(stream)]
     height, width = images[0].shape[:2]
     return ClipInfo(path=path, fps=float(rate) if rate else 0.0, frames=len(images), width=width, height=height), images
-
-
-# -- servers --------------------------------------------------------------------------------------
-
-
-# free_port, wait_for_port, wait_until and RedisServer live in bench_servers.py (not tests/support.py:
-# the benchmarks run without the test suite).
 
 
 # -- what was measured, where ---------------------------------------------------------------------

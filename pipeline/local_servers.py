@@ -1,7 +1,7 @@
-"""Loopback ports, polling and a throw-away redis-server for the benchmark scripts.
+"""Loopback ports, polling and a throw-away redis-server on a free port.
 
-The benchmarks run without the test suite (``tests/`` is not shipped with them), so they keep their
-own small copy of what they need rather than importing ``tests.support``.
+For the tests (tests/support.py adds what only they need) and the benchmark scripts, which run without the
+test suite and so must not import it; no pytest here.
 """
 
 from __future__ import annotations
@@ -31,20 +31,20 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
 
 
-def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
-    """Poll until ``condition()`` is truthy and return it."""
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5, detail: Callable[[], str] = str) -> Any:
+    """Poll until ``condition()`` is truthy and return it; ``detail()`` is added to the timeout error."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}\n{detail()}".rstrip())
         time.sleep(interval_s)
 
 
 class RedisServer:
-    """A redis-server on a loopback port without persistence, for the benchmarks' events."""
+    """A redis-server on a loopback port without persistence; ``stop``/``start`` simulate an outage."""
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.port = port if port is not None else free_port()
