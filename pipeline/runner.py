@@ -23,6 +23,7 @@ from pipeline.detection import FaceDetection, FaceDetector, detect_frames
 from pipeline.events import EventPublisher, ExpressionEvent
 from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit
 from pipeline.metrics import PipelineMetrics
+from pipeline.priors import PriorSettings
 from pipeline.sources import CameraSource, SourceStatus, VideoFrame
 
 log = logging.getLogger("ferstream.runner")
@@ -62,6 +63,8 @@ class StreamPipeline:
         self._analyzers: dict[str, CameraAnalyzer] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # Resolved against the model's classes once, here, so a prior that does not fit the model fails at start.
+        self._priors = PriorSettings.from_config(config.priors, models.classifier.classes)
 
     # -- cameras -------------------------------------------------------------------------
     def add_camera(self, source_config: SourceConfig) -> None:
@@ -80,6 +83,8 @@ class StreamPipeline:
                 self.metrics,
                 self.failures,
                 detection_interval=self.config.detector.interval,
+                priors=self._priors,
+                abstain_below=self.config.events.abstain_below,
             )
         source.start()
         log.info("camera %s: added (%s)", source_config.camera_id, source_config.url)

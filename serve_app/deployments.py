@@ -40,6 +40,7 @@ from pipeline.live import LiveSummaries
 from pipeline.log_limits import RepeatLimitedLog
 from pipeline.metrics import PipelineMetrics
 from pipeline.preview import PreviewStore, PreviewWriter
+from pipeline.priors import PriorSettings
 from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
 from pipeline.sources import CameraSource
 from serve_app.api import OPEN_PATHS, StreamController, build_api
@@ -210,6 +211,8 @@ class CameraSession:
             metrics,
             failures,
             detection_interval=pipeline_config.detector.interval,
+            priors=PriorSettings.from_config(pipeline_config.priors, metadata.classes),
+            abstain_below=pipeline_config.events.abstain_below,
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ferstream-session-{camera.camera_id}", daemon=True)
