@@ -110,9 +110,9 @@ def write(tmp_path: Path, text: str) -> Path:
         ("events: {abstain_below: 1.5}", "events.abstain_below"),
         ("priors: {deployment_prior: {neutral: -1}}", "priors.deployment_prior.neutral"),
         ("priors: {deployment_prior: {neutral: 0, sad: 0}}", "priors.deployment_prior"),
-        ("priors: {deployment_prior: {'': 1}}", "priors.deployment_prior..[key]")(  # the empty name, then where: its key,
-            "priors: {train_prior: {neutral: 0, sad: 1}}", "priors.train_prior"
-        ),
+        # pydantic's path: the (empty) class name, then [key] for "in the key, not the value".
+        ("priors: {deployment_prior: {'': 1}}", "priors.deployment_prior..[key]"),
+        ("priors: {train_prior: {neutral: 0, sad: 1}}", "priors.train_prior"),
         ("priors: {online: {window: 5}}", "priors.online.window"),
         ("priors: {online: {window: 20, min_samples: 21}}", "priors.online"),
         ("priors: {online: {max_iterations: 0}}", "priors.online.max_iterations"),
