@@ -24,7 +24,7 @@ import torch
 
 from pipeline.checkpoint import default_checkpoint_path, load_checkpoint
 from pipeline.config import OnlineLabelShiftConfig, PriorsConfig
-from pipeline.priors import PriorSettings
+from pipeline.priors import PriorSettings, estimate_prior
 from pipeline.training.data import load_image_folder
 from pipeline.training.evaluate import confusion_matrix, metrics_from_confusion, predict_probabilities
 
@@ -86,6 +86,18 @@ def main() -> int:
     shifted = np.array([rng.choice(by_class[label]) for label in drawn_labels])
 
     result: dict[str, Any] = {"model_id": metadata.model_id, "data": args.data, "n": len(val.labels), "mean_val_probability": mean_val}
+    # The EM over all of val at once (no window), from each train_prior: where the online estimate heads.
+    online_config = OnlineLabelShiftConfig()
+    result["em_on_all_of_val"] = {}
+    for name in ("online (defaults)", "online (defaults), train_prior = mean val probability"):
+        prior = resolved[name]
+        assert prior is not None
+        estimate, iterations = estimate_prior(
+            probabilities, prior.train_prior, prior.train_prior, online_config.max_iterations, online_config.tolerance, online_config.floor
+        )
+        shares = dict(zip(classes, estimate.round(4).tolist(), strict=True))
+        result["em_on_all_of_val"][name] = {"estimate": shares, "iterations": iterations}
+        print(f"EM on all of val, {name}: {result['em_on_all_of_val'][name]}")
     for split_name, indices in (("val", np.arange(len(val.labels))), ("val resampled to the README example mix", shifted)):
         rows = {"no prior": probabilities[indices]}
         for name, prior in resolved.items():
