@@ -5,7 +5,8 @@ models (one in-process batch across cameras, or one request per frame and face t
 deployments). What happens to a frame's detections and probabilities afterwards is the same
 and lives here, once: the tracker, the events built from its tracks, the ``track`` stage
 latency and ``classifications`` counter, the emission policy's bookkeeping of ended tracks,
-the publish, and what removing a camera must undo.
+the publish, and what removing a camera must undo. Also per camera, before the tracker: the class
+prior adjustment (``pipeline.priors``, off by default); after it: abstaining (``events.abstain_below``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import numpy as np
 
 from pipeline.config import TrackerConfig
 from pipeline.detection import FaceDetection
-from pipeline.events import EventPublisher, ExpressionEvent, new_run_id
+from pipeline.events import UNCERTAIN, EventPublisher, ExpressionEvent, new_run_id
 from pipeline.frames import VideoFrame
 from pipeline.isolation import FrameFailures
 from pipeline.metrics import PipelineMetrics
+from pipeline.priors import PriorSettings
 from pipeline.tracking import IoUTracker, TrackedFace
 
 log = logging.getLogger("ferstream.analysis")
@@ -45,7 +47,11 @@ class CameraAnalyzer:
         failures: FrameFailures | None = None,
         run_id: str | None = None,
         detection_interval: int = 1,
+        priors: PriorSettings | None = None,
+        abstain_below: float | None = None,
     ) -> None:
+        if abstain_below is not None and UNCERTAIN in classes:
+            raise ValueError(f"events.abstain_below: the model has a class named {UNCERTAIN!r}, which abstaining would hide")
         self.camera_id = camera_id
         self.detection_interval = detection_interval
         self._frames_until_detection = 0
@@ -59,6 +65,9 @@ class CameraAnalyzer:
         self.publisher = publisher
         self.metrics = metrics
         self.failures = failures if failures is not None else FrameFailures(metrics, log)
+        # Per camera: the online estimate follows this camera's faces only.
+        self.prior_adjuster = priors.new_adjuster() if priors is not None else None
+        self.abstain_below = abstain_below
 
     def detection_due(self) -> bool:
         """Whether this camera's next processed frame goes through the detector (every
@@ -80,6 +89,9 @@ class CameraAnalyzer:
         """
         started = time.perf_counter()
         try:
+            if self.prior_adjuster is not None:
+                # Before the tracker: the smoothing, and so the event, is of the adjusted probabilities.
+                probabilities = self.prior_adjuster.adjust(probabilities)
             update = self.tracker.update(detections, probabilities, carried=self._next_frame_carried)
             events = [self._event(frame, face) for face in update.faces]
         except Exception as error:
@@ -108,6 +120,8 @@ class CameraAnalyzer:
 
     def _event(self, frame: VideoFrame, face: TrackedFace) -> ExpressionEvent:
         top = int(np.argmax(face.probabilities))
+        confidence = float(face.probabilities[top])
+        abstained = self.abstain_below is not None and confidence < self.abstain_below
         x1, y1, x2, y2 = face.detection.box
         return ExpressionEvent(
             camera_id=self.camera_id,
@@ -118,8 +132,8 @@ class CameraAnalyzer:
             track_id=face.track_id,
             box=(round(x1), round(y1), round(x2), round(y2)),
             detector_score=face.detection.score,
-            emotion=self.classes[top],
-            confidence=float(face.probabilities[top]),
+            emotion=UNCERTAIN if abstained else self.classes[top],
+            confidence=confidence,
             probabilities={name: float(p) for name, p in zip(self.classes, face.probabilities, strict=True)},
             model_id=self.model_id,
         )

@@ -244,6 +244,76 @@ class TrackerConfig(StrictModel):
     ema_alpha: float = Field(0.5, gt=0.0, le=1.0, description="weight of the newest probabilities; 1: no smoothing")
 
 
+# A class name in a prior: the same characters a model's class names use in events and metric labels.
+ClassWeights = dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[float, Field(ge=0.0, le=1e9)]]
+
+
+class OnlineLabelShiftConfig(StrictModel):
+    """The per-camera estimate of the class prior a camera sees (pipeline/priors.py): the EM of Saerens,
+    Latinne & Decaestecker (2002) over the camera's recent per-face probabilities."""
+
+    window: int = Field(300, ge=10, le=100_000, description="per-face probability vectors of the camera the estimate is made from")
+    min_samples: int = Field(
+        30, ge=1, le=100_000, description="vectors in the window before the estimate is used; until then the starting prior applies"
+    )
+    max_iterations: int = Field(100, ge=1, le=10_000, description="EM iterations per update at most")
+    tolerance: float = Field(1e-4, gt=0.0, le=0.1, description="EM stops when no class's estimate moves by more than this")
+    floor: float = Field(
+        0.01,
+        ge=0.0,
+        le=0.1,
+        description="smallest share the estimate gives any class, so a class absent from the window can still be predicted",
+    )
+
+    @model_validator(mode="after")
+    def _min_samples_fit_the_window(self) -> OnlineLabelShiftConfig:
+        if self.min_samples > self.window:
+            raise ValueError(f"min_samples ({self.min_samples}) must be <= window ({self.window})")
+        return self
+
+
+class PriorsConfig(StrictModel):
+    """Class priors at inference (pipeline/priors.py), applied to the classifier's probabilities of every face
+    before the tracker smooths them: p'(y|x) is proportional to p(y|x) * target(y) / train(y). Off by default."""
+
+    deployment_prior: ClassWeights | None = Field(
+        None,
+        description=(
+            "the class prior expected where the cameras are, class name to weight for every class of the model "
+            "(normalised to sum 1); null: the training prior (no adjustment)"
+        ),
+    )
+    train_prior: ClassWeights | None = Field(
+        None,
+        description=(
+            "the class prior the model was trained under, class name to weight (e.g. training image counts); "
+            "null: FER2013's training counts, for a model with FER2013's seven classes"
+        ),
+    )
+    online: OnlineLabelShiftConfig | None = Field(
+        None, description="estimate each camera's class prior from its own recent faces (starting from deployment_prior); null: off"
+    )
+
+    @field_validator("deployment_prior")
+    @classmethod
+    def _some_deployment_weight(cls, weights: ClassWeights | None) -> ClassWeights | None:
+        if weights is not None and sum(weights.values()) <= 0:
+            raise ValueError("needs at least one class with a weight above 0")
+        return weights
+
+    @field_validator("train_prior")
+    @classmethod
+    def _positive_train_prior(cls, weights: ClassWeights | None) -> ClassWeights | None:
+        # The adjustment divides by it: a class the model never trained on has no defined ratio.
+        if weights is not None and any(weight <= 0 for weight in weights.values()):
+            raise ValueError("every class needs a weight above 0 (the adjustment divides by it)")
+        return weights
+
+    @property
+    def enabled(self) -> bool:
+        return self.deployment_prior is not None or self.online is not None
+
+
 class RedisSinkConfig(StrictModel):
     """Events to Redis Streams, one stream per camera (``pipeline.events.redis_sink``).
 
@@ -272,6 +342,15 @@ class EventsConfig(StrictModel):
     stream_prefix: str = Field("ferstream", pattern=r"^[A-Za-z0-9_.:-]+$")
     maxlen: int = Field(10_000, ge=1, le=100_000_000, description="approximate cap per camera stream (XADD MAXLEN ~)")
     policy: Literal["every_face", "on_change"] = "every_face"
+    abstain_below: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "an event whose smoothed top probability is below this says emotion 'uncertain' (its probabilities stay); "
+            "null: always the top class"
+        ),
+    )
     heartbeat_s: float = Field(5.0, gt=0, le=MAX_BACKOFF_S, description="on_change: re-emit an unchanged track this often")
     buffer_max_events: int = Field(10_000, ge=1, le=10_000_000, description="events held while Redis is unreachable")
     retry: BackoffConfig = BackoffConfig(initial_s=0.2, max_s=5.0)
@@ -312,6 +391,7 @@ class PipelineConfig(StrictModel):
     detector: AnyDetectorConfig = Field(default_factory=lambda: BlazeFaceConfig(), description="the face detector, chosen by its kind")
     classifier: ClassifierConfig = ClassifierConfig()
     tracker: TrackerConfig = TrackerConfig()
+    priors: PriorsConfig = Field(PriorsConfig(), description="class priors applied to the classifier's probabilities; off by default")
     events: EventsConfig = EventsConfig()
     metrics: MetricsConfig = MetricsConfig()
 

@@ -87,6 +87,10 @@ def summarize(
         for name in event.probabilities:
             if name not in classes:
                 classes.append(name)
+    # After the model's classes: an abstaining event's 'uncertain' (events.abstain_below) names none of them.
+    for event in events:
+        if event.emotion not in classes:
+            classes.append(event.emotion)
     totals: dict[str, float] = defaultdict(float)
     for emotion, begin, end in _intervals(events, now, hold_s):
         begin = max(begin, start)

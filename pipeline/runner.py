@@ -24,6 +24,7 @@ from pipeline.events import EventPublisher, ExpressionEvent
 from pipeline.frames import SourceStatus, VideoFrame
 from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit
 from pipeline.metrics import PipelineMetrics
+from pipeline.priors import PriorSettings
 from pipeline.shutdown import stop_cameras
 from pipeline.sources.camera import CameraSource
 from pipeline.sources.readers import frame_reader_for
@@ -79,6 +80,8 @@ class StreamPipeline:
         self._analyzers: dict[str, CameraAnalyzer] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # Resolved against the model's classes once, here, so a prior that does not fit the model fails at start.
+        self._priors = PriorSettings.from_config(config.priors, models.classifier.classes)
 
     # -- cameras -------------------------------------------------------------------------
     def add_camera(self, source_config: SourceConfig) -> None:
@@ -97,6 +100,8 @@ class StreamPipeline:
                 self.metrics,
                 self.failures,
                 detection_interval=self.config.detector.interval,
+                priors=self._priors,
+                abstain_below=self.config.events.abstain_below,
             )
         source.start()
         log.info("camera %s: added (%s)", source_config.camera_id, source_config.url)

@@ -39,6 +39,7 @@ from pipeline.live import LiveSummaries
 from pipeline.log_limits import RepeatLimitedLog
 from pipeline.metrics import PipelineMetrics
 from pipeline.preview import PreviewStore, PreviewWriter
+from pipeline.priors import PriorSettings
 from pipeline.registry import CameraRegistry, ShardWorker, status_to_dict
 from pipeline.shutdown import ShutdownBudget, ShutdownReport, shut_down_worker
 from pipeline.sources.camera import CameraSource
@@ -235,6 +236,8 @@ class CameraSession:
             metrics,
             failures,
             detection_interval=pipeline_config.detector.interval,
+            priors=PriorSettings.from_config(pipeline_config.priors, metadata.classes),
+            abstain_below=pipeline_config.events.abstain_below,
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ferstream-session-{camera.camera_id}", daemon=True)

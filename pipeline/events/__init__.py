@@ -14,6 +14,7 @@ from pipeline.events.publisher import DRAIN_BATCH_EVENTS, EventPublisher
 from pipeline.events.readers import EventSubscriber, StreamMessage, tail
 from pipeline.events.record import (
     SCHEMA_VERSION,
+    UNCERTAIN,
     EventDecodeError,
     EventValidationError,
     ExpressionEvent,
@@ -30,6 +31,7 @@ __all__ = [
     "RETRYABLE_ERRORS",
     "SCHEMA_VERSION",
     "SINK_BUILDERS",
+    "UNCERTAIN",
     "EmissionPolicy",
     "EventDecodeError",
     "EventPublisher",

@@ -21,9 +21,12 @@ from typing import Any
 
 import jsonschema
 
-# 2 added run_id. Readers still decode version-1 entries (written before an upgrade), with run_id None.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 2 added run_id. 3 lets emotion be UNCERTAIN (events.abstain_below), which names no class of the
+# probabilities. Readers still decode version-1 and -2 entries (written before an upgrade); version 1 with run_id None.
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# The emotion of an event whose smoothed top probability is below events.abstain_below (schema version 3 on).
+UNCERTAIN = "uncertain"
 SCHEMA_RESOURCE = "schemas/event.schema.json"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -271,5 +274,5 @@ def validate_event_dict(data: Mapping[str, Any]) -> None:
         path = ".".join(str(part) for part in error.absolute_path) or "<root>"
         raise EventValidationError(path, error.message)
     # One cross-field rule JSON Schema cannot express.
-    if data["emotion"] not in data["probabilities"]:
-        raise EventValidationError("emotion", f"{data['emotion']!r} is not one of the probabilities' classes")
+    if data["emotion"] not in data["probabilities"] and data["emotion"] != UNCERTAIN:
+        raise EventValidationError("emotion", f"{data['emotion']!r} is neither {UNCERTAIN!r} nor one of the probabilities' classes")

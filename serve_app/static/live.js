@@ -10,6 +10,7 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 const EMOTION_COLOURS = {
   angry: "#d62728", disgust: "#8c564b", fear: "#9467bd", happy: "#2ca02c",
   neutral: "#98a2b3", sad: "#1f77b4", surprise: "#ff7f0e",
+  uncertain: "#e4e7ec", // events.abstain_below: no clear expression
 };
 const PALETTE = ["#17becf", "#bcbd22", "#e377c2", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a"];
 

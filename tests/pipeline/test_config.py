@@ -10,6 +10,7 @@ from pipeline.config import (
     ConfigError,
     MTCNNConfig,
     PipelineConfig,
+    PriorsConfig,
     SourceConfig,
     environment_overrides,
     load_config,
@@ -75,6 +76,12 @@ def test_the_ensemble_config_differs_from_the_reference_only_in_the_model_file(t
     assert config.classifier.model_dump(exclude={"checkpoint"}) == reference.classifier.model_dump(exclude={"checkpoint"})
 
 
+def test_priors_and_abstaining_are_off_by_default():
+    config = load_config(REPO / "configs" / "pipeline.yaml")
+    assert config.priors == PriorsConfig() and not config.priors.enabled and config.events.abstain_below is None
+    assert PriorsConfig(online={}).enabled and PriorsConfig(deployment_prior={"neutral": 1}).enabled
+
+
 def test_classifier_backend_defaults_to_torch_and_the_shipped_model():
     config = ClassifierConfig()
     assert config.backend == "torch" and config.checkpoint is None and config.checkpoint_path is None
@@ -107,6 +114,20 @@ def write(tmp_path: Path, text: str) -> Path:
         ("classifier: {backend: onnxruntime}", "classifier.checkpoint"),
         ("classifier: {backend: onnxruntime, checkpoint: null}", "classifier.checkpoint"),
         ("metrics: {prot: 1}", "metrics.prot"),
+        ("events: {abstain_below: 0}", "events.abstain_below"),
+        ("events: {abstain_below: 1.5}", "events.abstain_below"),
+        ("priors: {deployment_prior: {neutral: -1}}", "priors.deployment_prior.neutral"),
+        ("priors: {deployment_prior: {neutral: 0, sad: 0}}", "priors.deployment_prior"),
+        # pydantic's path: the (empty) class name, then [key] for "in the key, not the value".
+        ("priors: {deployment_prior: {'': 1}}", "priors.deployment_prior..[key]"),
+        ("priors: {train_prior: {neutral: 0, sad: 1}}", "priors.train_prior"),
+        ("priors: {online: {window: 5}}", "priors.online.window"),
+        ("priors: {online: {window: 20, min_samples: 21}}", "priors.online"),
+        ("priors: {online: {max_iterations: 0}}", "priors.online.max_iterations"),
+        ("priors: {online: {tolerance: 0}}", "priors.online.tolerance"),
+        ("priors: {online: {floor: 0.2}}", "priors.online.floor"),
+        ("priors: {online: {flor: 0.01}}", "priors.online.flor"),
+        ("priors: {prior: {}}", "priors.prior"),
     ],
 )
 def test_bad_values_fail_with_the_field_named(tmp_path, yaml_text, field):

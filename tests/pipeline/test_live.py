@@ -56,6 +56,15 @@ def test_events_before_the_window_only_count_for_their_part_inside_it():
     assert summary.events == 0 and summary.tracks == []
 
 
+def test_uncertain_events_are_charted_after_the_models_classes():
+    # events.abstain_below: 'uncertain' is no key of the probabilities, but its face-time is drawn like a class's.
+    events = [event(-4, emotion="happy"), event(-2, emotion="uncertain", confidence=0.3)]
+    summary = summarize("cam1", events, NOW, hold_s=2.0)
+    assert summary.classes == ("happy", "neutral", "sad", "uncertain")
+    assert summary.mix == pytest.approx({"happy": 0.5, "uncertain": 0.5})
+    assert summary.buckets[-1] == pytest.approx({"happy": 2.0, "uncertain": 2.0})
+
+
 def test_two_tracks_add_up_and_the_classes_keep_the_models_order():
     events = [event(-4 + i * 0.5, track=track) for i in range(8) for track in (1, 2)]
     summary = summarize("cam1", events, NOW, hold_s=1.0)

@@ -12,7 +12,7 @@ import redis
 from prometheus_client import generate_latest
 
 from pipeline.analysis import CameraAnalyzer
-from pipeline.config import MTCNNConfig, PipelineConfig, SourceConfig, parse_config
+from pipeline.config import ConfigError, MTCNNConfig, PipelineConfig, SourceConfig, parse_config
 from pipeline.detection import FaceDetection, build_detector
 from pipeline.events import EventPublisher, ExpressionEvent, stream_key, validate_event_dict
 from pipeline.frames import StreamState, VideoFrame
@@ -369,3 +369,36 @@ def test_a_redis_outage_under_four_cameras_loses_only_what_overflows_the_buffer_
         assert positions == list(range(positions[0], positions[0] + len(positions)))
         assert len(lost) >= during_outage - buffer_max_events
         assert metrics.registry.get_sample_value("ferstream_events_dropped_total", {"camera": "cam1", "reason": "closed"}) is None
+
+
+def test_a_prior_that_does_not_fit_the_model_fails_at_start_and_one_that_does_reaches_every_camera(tmp_path) -> None:
+    models = ModelStages(ThinFrameDetector(), FakeClassifier(), 640, face_margin=0.0)  # type: ignore[arg-type]
+    metrics = PipelineMetrics()
+    misfit = parse_config(PipelineConfig, {"priors": {"deployment_prior": {"happy": 1, "sad": 1}}}, "test")
+    publisher = EventPublisher(misfit.events, metrics, MemorySink())
+    # The fake model's classes are not FER2013's, so it needs a train_prior too; the first problem is named.
+    with pytest.raises(ConfigError, match=r"^priors\.train_prior: required"):
+        StreamPipeline(misfit, metrics, models, publisher)
+    uniform = {name: 1 for name in CLASSES}
+    missing = parse_config(PipelineConfig, {"priors": {"deployment_prior": {"happy": 1, "sad": 1}, "train_prior": uniform}}, "test")
+    with pytest.raises(ConfigError, match=r"^priors\.deployment_prior: missing neutral"):
+        StreamPipeline(missing, metrics, models, publisher)
+
+    clip = tmp_path / "clip.mp4"
+    encode_test_clip(clip, frames=2)
+    fitting = parse_config(
+        PipelineConfig,
+        {"priors": {"deployment_prior": {"happy": 1, "neutral": 4, "sad": 1}, "train_prior": uniform}, "events": {"abstain_below": 0.3}},
+        "test",
+    )
+    pipeline = StreamPipeline(fitting, metrics, models, publisher)
+    pipeline.add_camera(SourceConfig(camera_id="cam", url=str(clip), realtime=False))
+    try:
+        analyzer = pipeline._analyzers["cam"]
+        assert analyzer.prior_adjuster is not None and analyzer.abstain_below == 0.3
+        # The fake's (0.7, 0.2, 0.1) times (1, 4, 1) is (0.7, 0.8, 0.1): neutral.
+        published = pipeline.process([fake_frame("cam", 0)])["cam"]
+        assert [event.emotion for event in published] == ["neutral"]
+        assert published[0].confidence == pytest.approx(0.8 / 1.6)
+    finally:
+        pipeline.close()

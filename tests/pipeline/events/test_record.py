@@ -8,7 +8,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.events import EventDecodeError, EventValidationError, ExpressionEvent, event_schema, new_run_id, validate_event_dict
+from pipeline.events import (
+    UNCERTAIN,
+    EventDecodeError,
+    EventValidationError,
+    ExpressionEvent,
+    event_schema,
+    new_run_id,
+    validate_event_dict,
+)
 from tests.pipeline.events.helpers import CAPTURE_TIME, RUN_ID, make_event
 
 # -- encoding -------------------------------------------------------------------------------------
@@ -20,7 +28,7 @@ def test_fields_round_trip() -> None:
     assert all(isinstance(key, str) and isinstance(value, str) for key, value in fields.items())
     assert fields["box"] == "[10,20,110,140]"
     assert json.loads(fields["probabilities"]) == event.probabilities
-    assert fields["schema_version"] == "2" and fields["run_id"] == RUN_ID
+    assert fields["schema_version"] == "3" and fields["run_id"] == RUN_ID
     assert ExpressionEvent.from_fields(fields) == event
     # As redis-py returns them without decode_responses.
     raw = {key.encode(): value.encode() for key, value in fields.items()}
@@ -60,7 +68,7 @@ def test_event_is_immutable() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("schema_version", "3"),
+        ("schema_version", "4"),
         ("schema_version", "0"),
         ("schema_version", "one"),
         ("run_id", ""),
@@ -111,6 +119,21 @@ def test_a_version_1_entry_still_decodes_without_a_run_id() -> None:
     assert "run_id" not in event.to_fields() and ExpressionEvent.from_fields(event.to_fields()) == event
 
 
+def test_a_version_2_entry_still_decodes() -> None:
+    # Written before version 3 allowed an 'uncertain' emotion: the same fields, so it reads as it was.
+    fields = make_event(publish_time=CAPTURE_TIME + 1).to_fields() | {"schema_version": "2"}
+    event = ExpressionEvent.from_fields(fields)
+    assert (event.schema_version, event.run_id, event.emotion) == (2, RUN_ID, "happy")
+
+
+def test_an_uncertain_event_round_trips_with_its_probabilities() -> None:
+    event = make_event(
+        publish_time=CAPTURE_TIME + 1, emotion=UNCERTAIN, confidence=0.4, probabilities={"happy": 0.4, "sad": 0.35, "neutral": 0.25}
+    )
+    decoded = ExpressionEvent.from_fields(event.to_fields())
+    assert decoded == event and decoded.emotion == "uncertain" and decoded.probabilities["happy"] == 0.4
+
+
 def test_a_version_2_event_needs_a_run_id() -> None:
     with pytest.raises(EventDecodeError, match="run_id"):
         make_event(run_id=None)
@@ -137,11 +160,18 @@ def test_schema_accepts_a_published_event() -> None:
     validate_event_dict(json.loads(json.dumps(data)))  # and after a trip through JSON
 
 
+def test_schema_accepts_an_uncertain_event() -> None:
+    data = make_event(publish_time=CAPTURE_TIME + 0.1, emotion=UNCERTAIN, confidence=0.4).to_json_dict()
+    assert data["schema_version"] == 3
+    validate_event_dict(data)
+
+
 @pytest.mark.parametrize(
     ("path", "change"),
     [
         ("confidence", {"confidence": 1.5}),
         ("schema_version", {"schema_version": 1}),
+        ("schema_version", {"schema_version": 2}),  # the schema describes the version producers write
         ("run_id", {"run_id": ""}),
         ("run_id", {"run_id": None}),
         ("box", {"box": [1, 2, 3]}),
@@ -151,6 +181,7 @@ def test_schema_accepts_a_published_event() -> None:
         ("publish_time", {"publish_time": 0.0}),  # never stamped by a publisher
         ("<root>", {"extra": 1}),
         ("emotion", {"emotion": "angry"}),  # not one of the probabilities' classes
+        ("emotion", {"emotion": "Uncertain"}),  # nor exactly 'uncertain'
     ],
 )
 def test_schema_rejects_bad_events(path: str, change: dict[str, Any]) -> None:
