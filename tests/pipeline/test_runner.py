@@ -102,7 +102,8 @@ def test_a_camera_the_detector_fails_on_does_not_stop_a_good_one(models, redis_s
     ]
     pipeline, metrics = make_pipeline(models, redis_server.url, cameras)
     try:
-        pipeline.run(max_seconds=120)
+        # A cap, not a speed test: every frame must be processed (asserted below), and MTCNN on a loaded 2-core machine takes minutes.
+        pipeline.run(max_seconds=300)
     finally:
         pipeline.close()
     value = metrics.registry.get_sample_value
