@@ -58,3 +58,14 @@ def test_the_event_table_lists_the_schema_fields_and_version():
     rows = [line.split("|")[1:4] for line in section.splitlines()[2:]]
     assert [name.strip().strip("`") for name, _, _ in rows] == list(schema["properties"])
     assert rows[0][2].strip().startswith(f"`{schema['properties']['schema_version']['const']}`")
+
+
+def test_security_md_starts_ray_as_the_readme_does():
+    security = (Path(__file__).resolve().parents[1] / "SECURITY.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", security, flags=re.DOTALL)
+    for block in blocks:
+        lines = [line.strip() for line in block.splitlines()]
+        if any(line.startswith("serve run") for line in lines):
+            # `serve run` blocks its terminal, and it must use the auth mode `ray start` turned on.
+            assert not any(line.startswith("curl") for line in lines), block
+            assert any(line.startswith("export RAY_AUTH_MODE=token") for line in lines), block
