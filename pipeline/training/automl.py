@@ -422,6 +422,15 @@ def main(argv: list[str] | None = None) -> int:
     train_parser = trainer.get_args_parser()
     train_parser.prog = "ferstream automl (train options)"
     train_args = train_parser.parse_args(rest)
+    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
+        print(
+            f"error: --cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {args.cpus_per_trial}, {args.gpus_per_trial}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.time_limit is not None and args.time_limit <= 0:
+        print(f"error: --time-limit must be > 0 seconds, got {args.time_limit}", file=sys.stderr)
+        return 2
     if train_args.input_size > train_args.resize_to:
         print(f"error: --input-size {train_args.input_size} exceeds --resize-to {train_args.resize_to}", file=sys.stderr)
         return 2

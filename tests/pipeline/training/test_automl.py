@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.checkpoint import load_checkpoint
 from pipeline.training.automl import PRESETS, apply_trial_config, main
 from pipeline.training.train import get_args_parser
@@ -71,3 +73,9 @@ def test_two_trials_one_epoch_write_a_leaderboard_and_loadable_checkpoints(tiny_
 
     model, metadata = load_checkpoint(Path(report["best_checkpoints"][0]))
     assert metadata.arch == "tiny" and metadata.metrics["accuracy"] == rows[0]["val_accuracy"]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--cpus-per-trial", "0"), ("--time-limit", "-5")])
+def test_bad_search_options_fail_before_ray_starts(flag: str, value: str, tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([flag, value, "--data-path", str(tiny_data)]) == 2
+    assert flag in capsys.readouterr().err
