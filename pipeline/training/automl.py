@@ -317,7 +317,8 @@ def _start_ray(cpus: int) -> bool:
     # Local workers import this process's ferstream, not whichever install their interpreter would find.
     project_root = str(Path(__file__).resolve().parents[2])
     pythonpath = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    # address="local": a new Ray of its own, even where `ray start` left one running (only RAY_ADDRESS joins a cluster).
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     return True
 
 
