@@ -1,11 +1,16 @@
 """Expression-classifier architectures for small grayscale face crops (FER2013: 48x48).
 
-All networks are VGG-style (stacks of conv3x3+BN+ReLU, max-pooling between stages,
+The shipped networks are VGG-style (stacks of conv3x3+BN+ReLU, max-pooling between stages,
 global average pooling and one linear layer). That family is what measured best for
 throughput per accuracy on the 2-core serving CPU: plain 3x3 convolutions map well
 onto oneDNN, while depthwise/SE blocks cost more latency than their FLOPs suggest.
 Global average pooling keeps the head independent of the input side, so the same
 architecture works for 48x48 or 44x44 (centre-cropped) inputs.
+
+``resnet18`` is the residual net published FER2013 baselines use (He et al.'s ResNet-18 layout:
+four stages of two basic blocks), adapted to 48x48 the usual way for small images: a 3x3 stride-1
+stem without the max-pool, so the last stage still sees 6x6 rather than 2x2. It is in the
+``ferstream automl`` search space as the heavier, non-VGG alternative.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ __all__ = [
     "ARCHITECTURES",
     "COMPOSITE_ARCHITECTURES",
     "ProbabilityEnsemble",
+    "ResNet",
     "VggNet",
     "build_model",
     "count_parameters",
@@ -75,6 +81,73 @@ class VggNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool(self.features(x)).flatten(1)
+        return self.classifier(self.dropout(x))
+
+
+class BasicBlock(nn.Module):
+    """Two conv3x3+BN with an identity (or 1x1 projection) shortcut, as in ResNet-18/34."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet with basic blocks for small grayscale inputs: 3x3 stride-1 stem, no stem max-pool."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        widths: Sequence[int] = (64, 128, 256, 512),
+        blocks_per_stage: Sequence[int] = (2, 2, 2, 2),
+        in_channels: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not widths or len(widths) != len(blocks_per_stage):
+            raise ValueError(f"widths {list(widths)} and blocks_per_stage {list(blocks_per_stage)} must be non-empty and equally long")
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
+        stages: list[nn.Module] = []
+        channels = widths[0]
+        for stage, (width, blocks) in enumerate(zip(widths, blocks_per_stage, strict=True)):
+            for block in range(blocks):
+                # Downsample at the first block of every stage but the first: 48 -> 48, 24, 12, 6.
+                stride = 2 if stage > 0 and block == 0 else 1
+                stages.append(BasicBlock(channels, width, stride))
+                channels = width
+        self.features = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Linear(channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            # Zero-init the last BN of each residual branch: every block starts as the identity (Goyal et al.).
+            if isinstance(module, BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.features(self.stem(x))).flatten(1)
         return self.classifier(self.dropout(x))
 
 
@@ -146,6 +219,15 @@ def _vgg(widths: Sequence[int], dropout: float) -> Callable[..., nn.Module]:
     return factory
 
 
+def _resnet(widths: Sequence[int], blocks_per_stage: Sequence[int], dropout: float) -> Callable[..., nn.Module]:
+    def factory(num_classes: int, **kwargs: Any) -> nn.Module:
+        options: dict[str, Any] = {"widths": tuple(widths), "blocks_per_stage": tuple(blocks_per_stage), "dropout": dropout}
+        options.update(kwargs)
+        return ResNet(num_classes, **options)
+
+    return factory
+
+
 # name -> factory(num_classes, **kwargs). kwargs override the defaults (e.g. dropout, in_channels)
 # and are stored in the checkpoint metadata so the exact network can be rebuilt.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
@@ -155,6 +237,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "compact": _vgg((24, 48, 96, 192), dropout=0.2),
     # GPU serving: ~4.7M params, the classic FER2013 VGG widths.
     "wide": _vgg((64, 128, 256, 512), dropout=0.3),
+    # The published-FER ResNet-18 layout (~11.2M params), 48x48-adapted stem: a GPU training candidate.
+    "resnet18": _resnet((64, 128, 256, 512), (2, 2, 2, 2), dropout=0.0),
 }
 
 # Models made of other models: loadable from a checkpoint like any architecture, but not trainable

@@ -206,6 +206,9 @@ class DelegatedCommand:
 # The summaries live here rather than in the modules so that `ferstream --help` does not import torch.
 DELEGATED = {
     "train": DelegatedCommand("pipeline.training.train", "train an expression classifier from scratch (FER2013, FER+, RAF-DB, AffectNet)"),
+    "automl": DelegatedCommand(
+        "pipeline.training.automl", "search architectures and hyperparameters on Ray Tune (ASHA); a leaderboard and the best checkpoints"
+    ),
     "eval": DelegatedCommand(
         "pipeline.training.evaluate", "score a checkpoint on a labelled split: accuracy, per-class recall, confusion PNG"
     ),

@@ -530,7 +530,13 @@ def train(
     val_set: ImageDataset,
     output_dir: Path,
     objective: TrainingObjective | None = None,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Train and write best.pt/last.pt/metrics into ``output_dir``.
+
+    ``on_epoch_end`` gets each epoch's metrics row once that epoch's last.pt is on disk (``ferstream
+    automl`` reports it to Ray Tune with last.pt as the trial's checkpoint).
+    """
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     num_classes = len(train_set.classes)
     arch_kwargs: dict[str, Any] = {} if args.dropout is None else {"dropout": args.dropout}
@@ -728,6 +734,8 @@ def train(
             f"time={epoch_time:.1f}s{' *best*' if improved else ''}",
             flush=True,
         )
+        if on_epoch_end is not None:
+            on_epoch_end(row)
         epochs_run += 1
         if args.stop_after and epochs_run >= args.stop_after:
             return {"interrupted": True, "epoch": epoch + 1}

@@ -43,3 +43,19 @@ def test_unknown_architecture_is_named():
 def test_register_refuses_to_replace():
     with pytest.raises(ValueError, match="already registered"):
         register("compact", lambda num_classes, **kwargs: nn.Linear(1, num_classes))
+
+
+def test_resnet18_has_the_published_layout_adapted_to_48x48():
+    from pipeline.architectures import ResNet
+
+    model = build_model("resnet18", 7)
+    assert isinstance(model, ResNet)
+    # Four stages of two basic blocks: 16 convs in the blocks + the stem's, plus 3 projection shortcuts.
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 16 + 3
+    # ResNet-18's ~11.2M parameters, less the 7x7 RGB stem and with a 7-way head.
+    assert 11_000_000 < count_parameters(model) < 11_300_000
+    # Stride-1 stem and no stem pool: a 48x48 face reaches the last stage at 6x6.
+    with torch.no_grad():
+        features = model.features(model.stem(torch.randn(1, 1, 48, 48)))
+    assert features.shape == (1, 512, 6, 6)

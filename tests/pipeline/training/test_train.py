@@ -135,3 +135,22 @@ def test_trains_on_fer2013_csv_and_records_the_selection(tmp_path, capsys):
     capsys.readouterr()
     assert run(tmp_path / "run", tmp_path / "bad", "--data-format", "rafdb") == 2
     assert "list_patition_label.txt does not exist" in capsys.readouterr().err
+
+
+def test_epoch_hook_sees_every_row_once_its_last_pt_is_written(tiny_data, tmp_path):
+    from pipeline.training.train import get_args_parser, load_data, train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    args = get_args_parser().parse_args(["--data-path", str(tiny_data), "--arch", "tiny", "--epochs", "2", "--batch-size", "16"])
+    args.no_progress = True
+    train_set, val_set, _ = load_data(args)
+    seen: list[tuple[int, int]] = []
+
+    def hook(row: dict) -> None:
+        state = torch.load(out / "last.pt", weights_only=False)
+        seen.append((row["epoch"], state["epoch"] + 1))
+
+    train(args, train_set, val_set, out, on_epoch_end=hook)
+    assert seen == [(1, 1), (2, 2)]
+    assert [row["epoch"] for row in history(out)] == [1, 2]

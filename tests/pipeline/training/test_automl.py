@@ -1,0 +1,81 @@
+"""`ferstream automl`: a real (local) Ray Tune search on the tiny image folders, and its parts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.training.automl import PRESETS, apply_trial_config, main
+from pipeline.training.train import get_args_parser
+
+
+def test_importing_automl_does_not_import_ray() -> None:
+    code = "import sys, pipeline.training.automl; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[3])
+    assert out.stdout.strip() == "False"
+
+
+def test_every_preset_states_a_budget_and_trainable_archs() -> None:
+    assert set(PRESETS) == {"low_resource", "default", "balanced", "high_quality"}
+    budgets = [PRESETS[name].time_budget_s for name in ("low_resource", "default", "balanced", "high_quality")]
+    assert budgets == sorted(budgets) and len(set(budgets)) == 4
+    assert "resnet18" in PRESETS["high_quality"].archs
+
+
+def test_trial_config_maps_onto_train_arguments(tmp_path: Path) -> None:
+    base = get_args_parser().parse_args(["--data-path", "x", "--batch-size", "32"])
+    config = {
+        "arch": "tiny",
+        "epochs": 3,
+        "dropout": 0.1,
+        "lr": 0.01,
+        "wd": 1e-4,
+        "label_smoothing": 0.1,
+        "augment_strength": 0.5,
+        "mix": "cutmix",
+        "mix_alpha": 0.4,
+        "seed": 7,
+    }
+    args = apply_trial_config(base, config, tmp_path / "t1", threads=2)
+    assert (args.arch, args.epochs, args.lr, args.seed, args.batch_size) == ("tiny", 3, 0.01, 7, 32)
+    assert (args.mixup_alpha, args.cutmix_alpha) == (0.0, 0.4)
+    assert args.rotation == 10.0 and args.scale == (0.9, 1.1)
+    assert args.resume == "auto" and args.output_dir == str(tmp_path / "t1")
+    assert base.arch == "compact"  # the command line's namespace is not changed
+
+
+def test_two_trials_one_epoch_write_a_leaderboard_and_loadable_checkpoints(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "search"
+    argv = ["--archs", "tiny", "--epochs", "1", "--num-samples", "2", "--cpus-per-trial", "1", "--time-limit", "300"]
+    argv += ["--output-dir", str(out), "--data-path", str(tiny_data), "--batch-size", "16", "--no-cache"]
+    assert main(argv) == 0
+
+    report = json.loads((out / "leaderboard.json").read_text())
+    rows = report["trials"]
+    assert len(rows) == 2 and [row["rank"] for row in rows] == [1, 2]
+    assert rows[0]["val_accuracy"] >= rows[1]["val_accuracy"]
+    for row in rows:
+        assert row["status"] == "finished" and row["epochs_run"] == 1 and row["best_epoch"] == 1
+        assert 0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["val_macro_f1"] <= 1.0
+        assert row["faces_per_s"] > 0 and row["wall_time_s"] > 0
+        assert row["config"]["arch"] == "tiny" and row["config"]["epochs"] == 1
+    assert report["best_checkpoints"] == [row["checkpoint"] for row in rows]
+    with open(out / "leaderboard.csv", newline="") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert [r["trial"] for r in csv_rows] == [r["trial"] for r in rows]
+    assert json.loads(csv_rows[0]["config"]) == rows[0]["config"]
+
+    model, metadata = load_checkpoint(Path(report["best_checkpoints"][0]))
+    assert metadata.arch == "tiny" and metadata.metrics["accuracy"] == rows[0]["val_accuracy"]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--cpus-per-trial", "0"), ("--time-limit", "-5")])
+def test_bad_search_options_fail_before_ray_starts(flag: str, value: str, tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([flag, value, "--data-path", str(tiny_data)]) == 2
+    assert flag in capsys.readouterr().err
