@@ -30,10 +30,12 @@ RESUME_SLACK_S = 5.0  # the issue's bound: cameras resume within the lease + 5 s
 CAMERAS = ("door", "desk", "hall")
 PREFIX = "ferstream"  # the shipped pipeline config's stream_prefix
 
-# The Ingest replicas' actors: name and pid (the registry's worker id is hostname:pid:suffix).
+# The Ingest replicas' actors: name and pid (the registry's worker id is hostname:pid:suffix). The
+# state API is given this cluster's address: with another cluster on the machine it refuses to guess.
 INGEST_ACTORS = """
 from ray.util.state import list_actors
-alive = list_actors(filters=[("state", "=", "ALIVE"), ("class_name", "=", "ServeReplica:ferstream:Ingest")], detail=True, limit=100)
+ingest = [("state", "=", "ALIVE"), ("class_name", "=", "ServeReplica:ferstream:Ingest")]
+alive = list_actors(address={address!r}, filters=ingest, detail=True, limit=100)
 print(json.dumps([[actor.name, actor.pid] for actor in alive]))
 """
 KILL_ACTOR = """
@@ -134,8 +136,9 @@ def test_a_killed_ingest_replicas_cameras_resume_on_another_replica_and_are_neve
     # Both replicas announce themselves before any camera exists, so the cameras are shared out.
     service.wait_until(lambda: registry.client.zcard(registry.workers_key) >= 2, 120, "both Ingest replicas in the workers set")
     clips = [path.resolve() for path in shared_clips.values()]
+    # Files are paced like live cameras (SourceConfig.realtime, on by default; the API does not take it).
     for index, camera_id in enumerate(CAMERAS):
-        body = {"camera_id": camera_id, "url": clips[index % len(clips)].as_uri(), "loop": True, "realtime": True, "target_fps": 2}
+        body = {"camera_id": camera_id, "url": clips[index % len(clips)].as_uri(), "loop": True, "target_fps": 2}
         response = service.post_stream(body)
         assert response.status_code == 201, response.text
     service.wait_until(
@@ -152,7 +155,7 @@ def test_a_killed_ingest_replicas_cameras_resume_on_another_replica_and_are_neve
     kept = sorted(set(CAMERAS) - set(moved))
     survivor = owners[kept[0]]
     runs_before = {camera_id: set(runs_of(service.events(camera_id))) for camera_id in CAMERAS}
-    actors = {pid: name for name, pid in service.ray_driver(INGEST_ACTORS)}
+    actors = {pid: name for name, pid in service.ray_driver(INGEST_ACTORS.format(address=service.ray_address))}
     victim_pid = pid_of(victim)
     assert victim_pid in actors, f"no Ingest actor with the pid of {victim}: {actors}"
 
