@@ -83,6 +83,13 @@ class Service:
             raise AssertionError(f"Ray driver exited {result.returncode}:\n{result.stderr[-3000:]}")
         return json.loads(result.stdout.strip().splitlines()[-1])
 
+    def ray_driver_in_background(self, code: str) -> subprocess.Popen[str]:
+        """:meth:`ray_driver` without waiting: for a call that blocks while the test does something else."""
+        prelude = (
+            f"import json, ray; from ray import serve; ray.init(address={self.ray_address!r}, logging_level='ERROR', log_to_driver=False); "
+        )
+        return subprocess.Popen([sys.executable, "-c", prelude + code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
     def ingest(self) -> dict[str, Any]:
         """Ingest.describe() through a Serve handle."""
         return self.ray_driver("print(json.dumps(serve.get_deployment_handle('Ingest', 'ferstream').describe.remote().result()))")
