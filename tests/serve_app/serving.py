@@ -83,6 +83,13 @@ class Service:
             raise AssertionError(f"Ray driver exited {result.returncode}:\n{result.stderr[-3000:]}")
         return json.loads(result.stdout.strip().splitlines()[-1])
 
+    def ray_driver_in_background(self, code: str) -> subprocess.Popen[str]:
+        """:meth:`ray_driver` without waiting: for a call that blocks while the test does something else."""
+        prelude = (
+            f"import json, ray; from ray import serve; ray.init(address={self.ray_address!r}, logging_level='ERROR', log_to_driver=False); "
+        )
+        return subprocess.Popen([sys.executable, "-c", prelude + code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
     def ingest(self) -> dict[str, Any]:
         """Ingest.describe() through a Serve handle."""
         return self.ray_driver("print(json.dumps(serve.get_deployment_handle('Ingest', 'ferstream').describe.remote().result()))")
@@ -179,12 +186,15 @@ def running_service(
     redis_url: str,
     resources: Sequence[str] = ("--num-cpus=4",),
     pipeline_overrides: dict[str, dict[str, Any]] | None = None,
+    deployment_overrides: dict[str, dict[str, Any]] | None = None,
     http_host: str = "127.0.0.1",
     api_token: str | None = "generate",
     wait_healthy: bool = True,
 ) -> Iterator[Service]:
     """``serve run`` on a copy of ``configs/<serve_config>`` on free ports, without start-up cameras;
-    ``pipeline_overrides`` (section -> fields) are applied to a copy of its pipeline config.
+    ``pipeline_overrides`` (section -> fields) are applied to a copy of its pipeline config,
+    ``deployment_overrides`` (deployment name -> fields, e.g. ``{"Ingest": {"num_replicas": 2}}``) to
+    the copy's deployments.
 
     The API needs a token: a fresh one by default, in ``FERSTREAM_API_TOKENS`` of the Ray head (whose
     environment the replicas inherit), never in the app's arguments; ``api_token=None``: none.
@@ -206,6 +216,9 @@ def running_service(
     config["http_options"].update(host=http_host, port=http_port)
     args = config["applications"][0]["args"]
     args["cameras_file"] = None
+    deployments = {deployment["name"]: deployment for deployment in config["applications"][0]["deployments"]}
+    for name, fields in (deployment_overrides or {}).items():
+        deployments[name].update(fields)  # a KeyError names a deployment the config does not have
     if pipeline_overrides:
         pipeline = yaml.safe_load((REPO_ROOT / args["pipeline_config"]).read_text())
         for section, fields in pipeline_overrides.items():
