@@ -114,6 +114,8 @@ def test_evaluate_stream_on_faces_a_detector_can_and_cannot_find():
     assert result["per_bitrate"]["1000"]["n"] == 12
     assert result["clean"]["accuracy"] == 0.5  # every image, found or not
     assert result["target"]["accuracy"] == 1.0 and result["target"]["accuracy_gap_to_clean"] == -0.5
+    assert result["target"]["clean_accuracy_of_found"] == 1.0  # the found faces are the label-1 ones, right when clean too
+    assert result["target"]["accuracy_gap_to_clean_of_found"] == 0.0
     json.dumps(result)
 
 
