@@ -282,6 +282,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
         axis.plot(xs, [accuracy for _, accuracy in points if accuracy is not None], marker="o", label=f"{kbps} kbit/s")
     axis.axhline(result["clean"]["accuracy"], color="black", linestyle="--", label="clean val (same faces)")
     axis.set_xscale("log")
+    axis.minorticks_off()  # the log axis's minor labels would overprint the face heights
     axis.set_xticks(result["sizes"], [str(size) for size in result["sizes"]])
     axis.set_xlabel("face height (px)")
     axis.set_ylabel("accuracy on detected faces")
