@@ -216,6 +216,9 @@ DELEGATED = {
     "calibrate-margin": DelegatedCommand(
         "pipeline.training.calibrate_margin", "choose detector.face_margin, the crop margin, on the service's own detector crops"
     ),
+    "eval-stream": DelegatedCommand(
+        "pipeline.training.eval_stream", "score a checkpoint on FER faces pasted into H.264 video: by face size and bitrate, JSON and plot"
+    ),
     "ensemble": DelegatedCommand(
         "pipeline.training.ensemble", "combine checkpoints into one ensemble model file (greedy selection on val, or given weights)"
     ),

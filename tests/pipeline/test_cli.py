@@ -105,7 +105,18 @@ def test_help_texts_name_each_command_and_summarise_it():
     top = ferstream("--help", timeout=60)
     assert top.returncode == 0 and "``" not in top.stdout
     assert "see `ferstream" not in top.stdout
-    for name in ("train", "eval", "export", "calibrate-margin", "adjust-logits", "ensemble", "distill", "calibrate", "explain"):
+    for name in (
+        "train",
+        "eval",
+        "eval-stream",
+        "export",
+        "calibrate-margin",
+        "adjust-logits",
+        "ensemble",
+        "distill",
+        "calibrate",
+        "explain",
+    ):
         sub = ferstream(name, "--help", timeout=120)
         assert sub.returncode == 0, sub.stderr[-2000:]
         assert sub.stdout.startswith(f"usage: ferstream {name} "), sub.stdout[:200]
