@@ -158,13 +158,15 @@ class BlazeFaceConfig(BaseDetectorConfig):
     runtime: Literal["litert", "torch"] = Field(
         "litert", description="litert: the TFLite runtime on CPU (one image per call); torch: batched PyTorch on CPU or CUDA"
     )
-    threads: int = Field(
-        1,
+    # Measured (benchmarks/RESULTS.md): 2 interpreter threads instead of 1 gave 1.54x the frames/s of one camera and
+    # 1.12x of two in `ferstream run` on 2 cores; under Serve a detector replica has num_cpus 1, and so 1 thread.
+    threads: int | None = Field(
+        None,
         ge=1,
         le=64,
         description=(
-            "TFLite interpreter threads (runtime litert); the torch runtime uses the process's torch threads, shared with the "
-            "classifier (torch's default: one per core; under Ray, a replica's num_cpus)"
+            "TFLite interpreter threads (runtime litert); null: as many as torch uses in this process (one per core; "
+            "under Ray, the replica's num_cpus). The torch runtime always uses the process's torch threads, shared with the classifier"
         ),
     )
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="minimum face score (MediaPipe's default)")
