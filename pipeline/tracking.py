@@ -31,7 +31,6 @@ class Track:
     track_id: int
     detection: FaceDetection
     probabilities: np.ndarray
-    hits: int = 1
     missed: int = 0
     velocity: tuple[float, float] = (0.0, 0.0)  # box centre, pixels per frame, between the last two detections
     detected_box: Box | None = None  # the last box the detector gave (not a carried one)
@@ -63,10 +62,6 @@ class IoUTracker:
         self._tracks: dict[int, Track] = {}
         self._next_id = 1
 
-    @property
-    def active_track_ids(self) -> list[int]:
-        return sorted(self._tracks)
-
     def update(self, detections: Sequence[FaceDetection], probabilities: np.ndarray, carried: bool = False) -> TrackUpdate:
         """Associate this frame's detections (with their raw probabilities) to tracks. ``carried``: the
         detections are :meth:`carried_detections` (a frame without detection), so they teach no velocity."""
@@ -93,7 +88,6 @@ class IoUTracker:
                     track.detected_box, track.frames_since_detected = detection.box, 0
                 track.detection = detection
                 track.probabilities = alpha * raw + (1.0 - alpha) * track.probabilities
-                track.hits += 1
                 track.missed = 0
             matched_tracks.add(track.track_id)
             faces.append(TrackedFace(track_id=track.track_id, detection=detection, probabilities=track.probabilities.copy()))

@@ -254,10 +254,6 @@ class CameraSession:
         if self.preview is not None:
             self.preview.close()
 
-    @property
-    def threads_alive(self) -> list[str]:
-        return [thread.name for thread in threading.enumerate() if thread.name.endswith(f"-{self.camera.camera_id}")]
-
     def _run(self) -> None:
         while not self._stop.is_set():
             frame = self.source.read(timeout=0.5)
