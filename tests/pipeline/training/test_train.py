@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.checkpoint import ModelMetadata, load_checkpoint, preprocess_crops
-from pipeline.training.train import TensorAugment, main, mix_batch
+from pipeline.training.augment import TensorAugment, mix_batch
+from pipeline.training.train import main
 from tests.pipeline.training.conftest import pattern_csv
 
 FAST = ["--arch", "tiny", "--batch-size", "16", "--threads", "1", "--no-progress", "--lr-warmup-epochs", "0"]
