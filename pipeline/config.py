@@ -158,15 +158,16 @@ class BlazeFaceConfig(BaseDetectorConfig):
     runtime: Literal["litert", "torch"] = Field(
         "litert", description="litert: the TFLite runtime on CPU (one image per call); torch: batched PyTorch on CPU or CUDA"
     )
-    # Measured (benchmarks/RESULTS.md): 2 interpreter threads instead of 1 gave 1.54x the frames/s of one camera and
-    # 1.12x of two in `ferstream run` on 2 cores; under Serve a detector replica has num_cpus 1, and so 1 thread.
-    threads: int | None = Field(
-        None,
+    # Measured on 2 cores (benchmarks/RESULTS.md, "Detector threads"): 2 threads gave one camera ~1.2x the frames/s of 1,
+    # but with two cameras (two decode threads and the classifier's torch threads beside it) 2 of 4 runs collapsed to
+    # about half, and 1 thread never did. Several cameras is the common case, and under Serve a replica has one CPU.
+    threads: int = Field(
+        1,
         ge=1,
         le=64,
         description=(
-            "TFLite interpreter threads (runtime litert); null: as many as torch uses in this process (one per core; "
-            "under Ray, the replica's num_cpus). The torch runtime always uses the process's torch threads, shared with the classifier"
+            "TFLite interpreter threads (runtime litert); 1 leaves the other core to decoding and classification. The torch "
+            "runtime uses the process's torch threads, shared with the classifier"
         ),
     )
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="minimum face score (MediaPipe's default)")

@@ -238,14 +238,6 @@ class _Runtime(Protocol):
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def interpreter_threads() -> int:
-    """The process's torch thread count: one per core, or what Ray gives a replica (OMP_NUM_THREADS = its num_cpus),
-    so the detector and the classifier size themselves the same way."""
-    import torch
-
-    return torch.get_num_threads()
-
-
 class LiteRTRuntime:
     """Google's TFLite runtime (XNNPACK on CPU). Its models have a fixed batch of 1, so a batch is a loop."""
 
@@ -336,7 +328,7 @@ class BlazeFaceDetector:
             raise FileNotFoundError(f"detector.model_path: no such file: {path}")
         runtime: _Runtime
         if self.config.runtime == "litert":
-            runtime = LiteRTRuntime(path, self.config.threads or interpreter_threads())
+            runtime = LiteRTRuntime(path, self.config.threads)
         else:
             runtime = TorchRuntime(path, self.config.device)
         return LoadedModel(name=name, spec=MODELS[name], anchors=ssd_anchors(MODELS[name]), runtime=runtime)

@@ -200,24 +200,3 @@ def test_a_shifted_duplicate_from_another_tile_is_suppressed_but_a_neighbouring_
     rows[2, :5] = [125, 25, 145, 45, 0.7]  # the face next to it
     kept = suppress_contained(rows, 0.5)
     assert kept[:, 4].tolist() == pytest.approx([0.8, 0.7])
-
-
-def test_litert_threads_default_to_the_processs_torch_threads(monkeypatch):
-    import pipeline.detectors.blazeface as blazeface
-
-    given: list[int] = []
-
-    class RecordingRuntime:
-        def __init__(self, path: Path, threads: int) -> None:
-            given.append(threads)
-
-    monkeypatch.setattr(blazeface, "LiteRTRuntime", RecordingRuntime)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)  # what Ray gives a replica with num_cpus 1
-        blazeface.BlazeFaceDetector(BlazeFaceConfig())
-        assert given == [1, 1]  # the whole-frame model and the tile model
-        blazeface.BlazeFaceDetector(BlazeFaceConfig(threads=3))
-        assert given[2:] == [3, 3]
-    finally:
-        torch.set_num_threads(previous)
