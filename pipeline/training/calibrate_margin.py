@@ -30,17 +30,26 @@ import math
 import statistics
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, load_checkpoint
 from pipeline.classification import crop_faces
-from pipeline.config import ConfigError, PipelineConfig, load_config
+from pipeline.config import AnyDetectorConfig, ConfigError, PipelineConfig, load_config
 from pipeline.detection import FaceDetection, FaceDetector, build_detector, detect_frames
-from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, load_split_from_args
+from pipeline.training.data import (
+    DatasetError,
+    LoadedSplit,
+    add_compute_arguments,
+    add_dataset_arguments,
+    apply_threads,
+    load_split_from_args,
+)
 from pipeline.training.evaluate import predict_probabilities
 
 __all__ = [
@@ -256,43 +265,70 @@ def _print_human(result: dict[str, Any]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class DetectorRun:
+    """What a command that scores a checkpoint on the service's detector crops loads from its arguments
+    (``--model``, ``--config``, ``--data``/``--split``): shared by ``calibrate-margin`` and ``eval-stream``."""
+
+    model_path: Path
+    model: torch.nn.Module
+    metadata: ModelMetadata
+    detector_config: AnyDetectorConfig
+    detector: FaceDetector
+    loaded: LoadedSplit
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DetectorRun:
+        """Raises FileNotFoundError, CheckpointError, DatasetError or ConfigError naming what is wrong."""
+        model_path = Path(args.model).expanduser() if args.model else default_checkpoint_path()
+        detector_config = load_config(args.config).detector if args.config else PipelineConfig().detector
+        model, metadata = load_checkpoint(model_path)
+        loaded = load_split_from_args(args, args.data, args.split, metadata.resize_to, metadata.classes)
+        return cls(model_path, model, metadata, detector_config, build_detector(detector_config), loaded)
+
+    def description(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The model, data and detector the figures are about, for the JSON result."""
+        config = self.detector_config
+        return {
+            "model": str(self.model_path),
+            "model_id": self.metadata.model_id,
+            "checkpoint_face_margin": self.metadata.face_margin,
+            "data": str(Path(args.data).expanduser()),
+            "data_format": self.loaded.data_format,
+            "data_split": self.loaded.split,
+            "limit": args.limit,
+            "detector": {
+                "kind": config.kind,
+                "min_face_size": config.min_face_size,
+                "score_threshold": config.score_threshold,
+                "detection_size": config.detection_size,
+                "face_margin": config.face_margin,
+            },
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     apply_threads(args)
-    model_path = Path(args.model).expanduser() if args.model else default_checkpoint_path()
     try:
-        detector_config = load_config(args.config).detector if args.config else PipelineConfig().detector
-        model, metadata = load_checkpoint(model_path)
-        loaded = load_split_from_args(args, args.data, args.split, metadata.resize_to, metadata.classes)
-        detector = build_detector(detector_config)
+        run = DetectorRun.from_args(args)
     except (FileNotFoundError, CheckpointError, DatasetError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    dataset = loaded.dataset
+    model, metadata, detector, detector_config = run.model, run.metadata, run.detector, run.detector_config
+    dataset = run.loaded.dataset
     indices = evenly_spaced(len(dataset), args.limit)
 
     def predict(crops: list[np.ndarray]) -> np.ndarray:
         return predict_probabilities(model, metadata, crops, batch_size=args.batch_size).argmax(1)
 
     result: dict[str, Any] = {
-        "model": str(model_path),
-        "model_id": metadata.model_id,
-        "checkpoint_face_margin": metadata.face_margin,
-        "data": str(Path(args.data).expanduser()),
-        "data_format": loaded.data_format,
-        "data_split": loaded.split,
-        "limit": args.limit,
+        **run.description(args),
         "margins": list(args.margins),
         "pad": args.pad,
         "upscale": args.upscale,
         "interpolation": "bilinear",
-        "detector": {
-            "kind": detector_config.kind,
-            "min_face_size": detector_config.min_face_size,
-            "score_threshold": detector_config.score_threshold,
-            "detection_size": detector_config.detection_size,
-        },
     }
     result.update(
         calibrate(

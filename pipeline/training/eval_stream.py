@@ -35,12 +35,12 @@ import av
 import cv2
 import numpy as np
 
-from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, load_checkpoint
+from pipeline.checkpoint import CheckpointError, ModelMetadata
 from pipeline.classification import crop_faces, crop_margin
-from pipeline.config import ConfigError, PipelineConfig, load_config
-from pipeline.detection import FaceDetection, FaceDetector, build_detector, detect_frames
-from pipeline.training.calibrate_margin import evenly_spaced
-from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, load_split_from_args
+from pipeline.config import ConfigError
+from pipeline.detection import FaceDetection, FaceDetector, detect_frames
+from pipeline.training.calibrate_margin import DetectorRun, evenly_spaced
+from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads
 from pipeline.training.evaluate import predict_probabilities
 
 __all__ = [
@@ -363,38 +363,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     apply_threads(args)
-    model_path = Path(args.model).expanduser() if args.model else default_checkpoint_path()
     try:
-        detector_config = load_config(args.config).detector if args.config else PipelineConfig().detector
-        model, metadata = load_checkpoint(model_path)
-        loaded = load_split_from_args(args, args.data, args.split, metadata.resize_to, metadata.classes)
-        detector = build_detector(detector_config)
+        run = DetectorRun.from_args(args)
         for size in args.sizes:
             grid_layout(size, args.width, args.height)
     except (FileNotFoundError, CheckpointError, DatasetError, ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    dataset = loaded.dataset
+    model, metadata, detector, detector_config = run.model, run.metadata, run.detector, run.detector_config
+    dataset = run.loaded.dataset
     indices = evenly_spaced(len(dataset), args.limit)
 
     def predict(crops: list[np.ndarray]) -> np.ndarray:
         return predict_probabilities(model, metadata, crops, batch_size=args.batch_size)
 
-    result: dict[str, Any] = {
-        "model": str(model_path),
-        "model_id": metadata.model_id,
-        "data": str(Path(args.data).expanduser()),
-        "data_format": loaded.data_format,
-        "data_split": loaded.split,
-        "limit": args.limit,
-        "detector": {
-            "kind": detector_config.kind,
-            "min_face_size": detector_config.min_face_size,
-            "score_threshold": detector_config.score_threshold,
-            "detection_size": detector_config.detection_size,
-            "face_margin": detector_config.face_margin,
-        },
-    }
+    result: dict[str, Any] = run.description(args)
     result.update(
         evaluate_stream(
             dataset.images[indices],

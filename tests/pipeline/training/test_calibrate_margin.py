@@ -184,7 +184,8 @@ def test_ferstream_calibrate_margin_prints_one_json_object(tiny_data, tiny_check
     assert result["median_box_side_px"] == 48.0 and result["fer_fit_margin"] == 0.0
     assert (result["model_id"], result["checkpoint_face_margin"], result["data_format"]) == ("tiny-test", 0.1, "imagefolder")
     assert (result["pad"], result["upscale"]) == (calibrate_margin.DEFAULT_PAD, calibrate_margin.DEFAULT_UPSCALE)
-    assert result["detector"] == {"kind": "blazeface", "min_face_size": 12, "score_threshold": 0.5, "detection_size": 640}
+    detector = {"kind": "blazeface", "min_face_size": 12, "score_threshold": 0.5, "detection_size": 640, "face_margin": 0.1}
+    assert result["detector"] == detector
     assert 0.0 <= result["fer_framing_accuracy"] <= 1.0
     # Deterministic: the same command prints the same object.
     assert cli.main([*args, "--margins", "0.1,0,-0.02"]) == 0
