@@ -7,6 +7,7 @@ Deliberately independent of ``tests/`` (benchmarks must run without the test sui
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -201,6 +202,12 @@ def model_description(checkpoint: Path | None = None) -> dict[str, Any]:
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_result(path: Path, **fields: Any) -> None:
+    """A benchmark's JSON result: when, the command, the machine and the code, then ``fields``."""
+    result = {"when": utc_now(), "command": command_line(), "machine": machine_description(), "git": git_description(), **fields}
+    path.write_text(json.dumps(result, indent=2))
 
 
 def command_line() -> str:

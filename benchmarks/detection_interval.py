@@ -22,7 +22,6 @@ time per frame in benchmarks/pipeline_throughput.py), so the result does not dep
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -134,20 +133,7 @@ def main() -> None:
         )
     )
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "when": common.utc_now(),
-                    "command": common.command_line(),
-                    "machine": common.machine_description(),
-                    "git": common.git_description(),
-                    "config": str(args.config),
-                    "match_iou": args.match_iou,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-        )
+        common.write_result(args.json, config=str(args.config), match_iou=args.match_iou, rows=rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ default detector must reach. The clips are Intel IoT DevKit sample videos (CC BY
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -89,18 +88,7 @@ def main() -> None:
         )
     )
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "when": common.utc_now(),
-                    "command": common.command_line(),
-                    "machine": common.machine_description(),
-                    "git": common.git_description(),
-                    "rows": rows,
-                },
-                indent=2,
-            )
-        )
+        common.write_result(args.json, rows=rows)
 
 
 if __name__ == "__main__":
