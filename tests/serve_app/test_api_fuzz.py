@@ -95,13 +95,13 @@ def test_fuzzed_requests_with_the_token_get_2xx_or_4xx_only(api: tuple[ApiServer
     server, schema = api
     # Cameras to list while the fuzzing goes on (random URLs almost never pass the URL policy, so it adds none).
     for camera_id in PRESENT:
-        assert server.post({"id": camera_id, "url": f"rtsp://10.0.0.5:554/{camera_id}?token=secret"}).status_code == 201
+        assert server.post({"camera_id": camera_id, "url": f"rtsp://10.0.0.5:554/{camera_id}?token=secret"}).status_code == 201
     seen = fuzz(server, schema, AUTH)
     log.warning("with the token: %d requests, %s", sum(seen.values()), dict(sorted(seen.items())))
     assert all(200 <= status < 500 for _operation, status in seen)
     assert seen[("POST /streams", 422)] >= 1 and seen[("DELETE /streams/{camera_id}", 404)] >= 1, seen
     assert_healthy(server)
-    assert {stream["id"] for stream in server.get("/streams").json()} >= set(PRESENT)
+    assert {stream["camera_id"] for stream in server.get("/streams").json()} >= set(PRESENT)
     assert [server.delete(f"/streams/{camera_id}").status_code for camera_id in PRESENT] == [204] * len(PRESENT)
 
 
