@@ -197,7 +197,7 @@ class BlazeFaceConfig(BaseDetectorConfig):
     def _cuda_needs_the_torch_runtime(self) -> BlazeFaceConfig:
         if self.device == "cuda" and self.runtime != "torch":
             raise ValueError("device 'cuda' needs runtime 'torch' (the TFLite runtime runs on CPU only)")
-        if self.runtime == "torch" and "threads" in self.model_fields_set:
+        if self.runtime == "torch" and self.threads != 1:
             # torch's thread count is process-wide; a detector setting that changed it would change the classifier's.
             raise ValueError("threads applies to runtime 'litert'; the torch runtime uses the process's torch threads")
         return self

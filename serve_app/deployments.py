@@ -352,6 +352,8 @@ class IngestDeployment:
         (pipeline.shutdown), within graceful_shutdown_timeout_s."""
         if getattr(self, "shutdown_report", None) is not None:
             return  # Serve called it already; this is the garbage collector's call
+        if not hasattr(self, "_reconciler"):
+            return  # the constructor failed (a bad config): nothing was started
         self._stop.set()
         self._reconciler.join(timeout=RECONCILER_JOIN_S)
         self.shutdown_report = shut_down_worker(self.shard, self.publisher, INGEST_SHUTDOWN)

@@ -49,6 +49,8 @@ def test_threads_on_the_torch_runtime_fail_because_they_would_change_the_classif
     with pytest.raises(ConfigError, match=r"detector\.blazeface.*threads applies to runtime 'litert'"):
         parse_config(PipelineConfig, {"detector": {"runtime": "torch", "threads": 2}}, "test")
     assert parse_config(PipelineConfig, {"detector": {"runtime": "torch"}}, "test").detector.runtime == "torch"
+    # configs/pipeline.yaml lists threads: 1; a section merged over it that picks the torch runtime stays valid.
+    assert parse_config(PipelineConfig, {"detector": {"runtime": "torch", "threads": 1}}, "test").detector.runtime == "torch"
 
 
 def test_the_demo_config_has_a_camera():
