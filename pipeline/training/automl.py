@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from pipeline.architectures import ARCHITECTURES
+from pipeline.training.data import int_at_least
 
 __all__ = [
     "PRESETS",
@@ -123,13 +124,6 @@ PRESETS: dict[str, SearchPreset] = {
 LR_RANGES = {"sgd": (5e-3, 0.2), "adamw": (1e-4, 3e-3)}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     presets = "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items())
     parser = argparse.ArgumentParser(
@@ -139,16 +133,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help=f"search size; {presets}")
     parser.add_argument("--time-limit", type=float, default=None, help="search time budget in seconds (default: the preset's)")
-    parser.add_argument("--num-samples", type=_positive_int, default=None, help="trials to sample (default: the preset's)")
+    parser.add_argument("--num-samples", type=int_at_least(1), default=None, help="trials to sample (default: the preset's)")
     parser.add_argument(
         "--archs", nargs="+", default=None, choices=sorted(ARCHITECTURES), help="architectures to search (default: the preset's)"
     )
-    parser.add_argument("--epochs", nargs="+", type=_positive_int, default=None, help="epoch counts to search (default: the preset's)")
-    parser.add_argument("--grace-period", type=_positive_int, default=None, help="ASHA: epochs before a trial can be stopped")
+    parser.add_argument("--epochs", nargs="+", type=int_at_least(1), default=None, help="epoch counts to search (default: the preset's)")
+    parser.add_argument("--grace-period", type=int_at_least(1), default=None, help="ASHA: epochs before a trial can be stopped")
     parser.add_argument("--cpus-per-trial", type=float, default=2.0, help="Ray CPUs each trial holds (its torch threads)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="Ray GPUs each trial holds (0: CPU trials)")
     parser.add_argument("--output-dir", default=None, help="search folder (default ~/.cache/ferstream/automl)")
-    parser.add_argument("--top-k", type=_positive_int, default=3, help="best checkpoints listed for `ferstream ensemble`")
+    parser.add_argument("--top-k", type=int_at_least(1), default=3, help="best checkpoints listed for `ferstream ensemble`")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search (the trials' seeds are part of their configuration)")
     parser.add_argument(
         "--resume", action="store_true", help="continue the search in --output-dir, unfinished trials from their checkpoints"

@@ -48,6 +48,7 @@ from pipeline.training.data import (
     add_compute_arguments,
     add_dataset_arguments,
     apply_threads,
+    int_at_least,
     load_split_from_args,
 )
 from pipeline.training.evaluate import predict_probabilities
@@ -90,21 +91,6 @@ def parse_margins(text: str) -> tuple[float, ...]:
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"margins repeat: {text}")
     return tuple(sorted(values))
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
-        return value
-
-    return parse
 
 
 def detection_frame(image: np.ndarray, pad: int, upscale: int) -> np.ndarray:
@@ -232,16 +218,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MARGINS,
         help="comma-separated face_margin values to score, each above -0.5 (default 0,0.05,0.1,0.15,0.2,0.3)",
     )
-    parser.add_argument("--upscale", type=_int_at_least(1), default=DEFAULT_UPSCALE, help="integer upscale of the padded image (default 3)")
+    parser.add_argument("--upscale", type=int_at_least(1), default=DEFAULT_UPSCALE, help="integer upscale of the padded image (default 3)")
     parser.add_argument(
         "--pad",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=DEFAULT_PAD,
         help=f"replicate-border pixels per side before upscaling (default {DEFAULT_PAD})",
     )
-    parser.add_argument("--limit", type=_int_at_least(1), default=None, help="use this many images, evenly spaced over the split")
+    parser.add_argument("--limit", type=int_at_least(1), default=None, help="use this many images, evenly spaced over the split")
     parser.add_argument(
-        "--batch-size", type=_int_at_least(1), default=64, help="images per detector batch and classifier batch (default 64)"
+        "--batch-size", type=int_at_least(1), default=64, help="images per detector batch and classifier batch (default 64)"
     )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     add_compute_arguments(parser)

@@ -40,7 +40,7 @@ from pipeline.classification import crop_faces, crop_margin
 from pipeline.config import ConfigError
 from pipeline.detection import FaceDetection, FaceDetector, detect_frames
 from pipeline.training.calibrate_margin import DetectorRun, evenly_spaced
-from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads
+from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, int_at_least
 from pipeline.training.evaluate import predict_probabilities
 
 __all__ = [
@@ -304,16 +304,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferstream eval-stream",
@@ -324,14 +314,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default=None, help="as for ferstream eval (default: --data itself for an ImageFolder)")
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped pipeline/assets/expression_default.pt)")
     parser.add_argument("--config", default=None, help="pipeline YAML whose detector: section to use (default: the service's default)")
-    parser.add_argument("--limit", type=_positive_int, default=None, help="use this many images, evenly spaced over the split")
+    parser.add_argument("--limit", type=int_at_least(1), default=None, help="use this many images, evenly spaced over the split")
     parser.add_argument("--sizes", type=_int_list, default=DEFAULT_SIZES, help="face heights in px (default 24,32,48,64,96,128,200)")
     parser.add_argument("--bitrates", type=_int_list, default=DEFAULT_BITRATES, help="H.264 bitrates in kbit/s (default 250,500,1000,2000)")
-    parser.add_argument("--width", type=_positive_int, default=640, help="frame width (default 640)")
-    parser.add_argument("--height", type=_positive_int, default=360, help="frame height (default 360)")
-    parser.add_argument("--gop", type=_positive_int, default=30, help="fixed GOP length in frames (default 30)")
-    parser.add_argument("--hold", type=_positive_int, default=2, help="frames each layout is shown; the last one is scored (default 2)")
-    parser.add_argument("--batch-size", type=_positive_int, default=256, help="classifier batch (default 256)")
+    parser.add_argument("--width", type=int_at_least(1), default=640, help="frame width (default 640)")
+    parser.add_argument("--height", type=int_at_least(1), default=360, help="frame height (default 360)")
+    parser.add_argument("--gop", type=int_at_least(1), default=30, help="fixed GOP length in frames (default 30)")
+    parser.add_argument("--hold", type=int_at_least(1), default=2, help="frames each layout is shown; the last one is scored (default 2)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=256, help="classifier batch (default 256)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON here")
     parser.add_argument("--plot", default=None, metavar="PNG", help="write accuracy vs face size, one line per bitrate")
     add_compute_arguments(parser)
