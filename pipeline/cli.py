@@ -302,14 +302,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.log_level != "DEBUG":
+        # torch logs its internals at INFO (FakeTensor cache statistics at exit): not the user's business.
+        logging.getLogger("torch").setLevel(logging.WARNING)
     if getattr(args, "module", None):
         return _delegate(args.module, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.handler(args))
-    except KeyboardInterrupt:  # Ctrl-C out of `tail` is the normal way to stop it
-        return 130
     except ConfigError as error:
         print(f"ferstream: invalid configuration:\n{error}", file=sys.stderr)
         return 2
@@ -319,4 +320,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.entry import interruptible
+
+    sys.exit(interruptible(main))

@@ -104,6 +104,21 @@ class SourceConfig(StrictModel):
         return url_scheme(self.url) == "file"
 
 
+PreviewMode = Literal["per_camera", "all", "none"]
+
+
+def preview_on(mode: PreviewMode, camera: SourceConfig) -> bool:
+    """Whether ``camera``'s annotated preview is drawn and served under the app's ``previews`` mode."""
+    return mode == "all" or (mode == "per_camera" and camera.preview)
+
+
+def refuse_preview(mode: PreviewMode, camera: SourceConfig) -> str | None:
+    """Why ``camera`` may not be added under ``mode``, or None: ``none`` refuses a camera that asks for a preview."""
+    if mode == "none" and camera.preview:
+        return f"camera {camera.camera_id!r} asks for preview: true, but this app draws none (previews: none)"
+    return None
+
+
 class BaseDetectorConfig(StrictModel):
     """What every face detector shares. Each detector (``pipeline/detectors/<kind>.py``) adds its own options."""
 
@@ -387,9 +402,14 @@ class MetricsConfig(StrictModel):
 
 
 class PipelineConfig(StrictModel):
-    # Before cameras: the cameras' validator reads it from info.data.
+    # Before cameras: the cameras' validators read these from info.data.
     url_policy: UrlPolicyConfig = UrlPolicyConfig()
     max_cameras: int = Field(256, ge=1, le=MAX_CAMERAS, description="cameras the app runs at most (config and API together)")
+    previews: PreviewMode = Field(
+        "per_camera",
+        description="annotated previews, the only face pixels that leave ingest: per_camera: only cameras with preview: true "
+        "(so none unless asked); all: every camera; none: never, and a camera that asks for one is refused",
+    )
     cameras: list[SourceConfig] = Field(default_factory=list)
     detector: AnyDetectorConfig = Field(default_factory=lambda: BlazeFaceConfig(), description="the face detector, chosen by its kind")
     classifier: ClassifierConfig = ClassifierConfig()
@@ -417,6 +437,16 @@ class PipelineConfig(StrictModel):
         max_cameras = info.data.get("max_cameras")
         if max_cameras is not None and len(cameras) > max_cameras:
             raise ValueError(f"{len(cameras)} cameras, more than max_cameras ({max_cameras})")
+        return cameras
+
+    @field_validator("cameras")
+    @classmethod
+    def _previews_follow_the_mode(cls, cameras: list[SourceConfig], info: ValidationInfo) -> list[SourceConfig]:
+        mode = info.data.get("previews")
+        for index, camera in enumerate(cameras):
+            refusal = refuse_preview(mode, camera) if mode is not None else None
+            if refusal is not None:
+                raise ValueError(f"{index}.preview: {refusal}")
         return cameras
 
     @field_validator("cameras")

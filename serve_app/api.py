@@ -28,7 +28,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipeline.auth import WWW_AUTHENTICATE, ApiAuth
-from pipeline.config import ConfigError, SourceConfig, UrlPolicyConfig, parse_config
+from pipeline.config import ConfigError, PreviewMode, SourceConfig, UrlPolicyConfig, parse_config, refuse_preview
 from pipeline.registry import AddOutcome, CameraRegistry
 from pipeline.url_policy import UrlOrigin, UrlRefused, redact_url, scrub_credentials
 
@@ -96,10 +96,11 @@ class ApiError(Exception):
 class StreamController:
     """What the routes do, against the camera registry in Redis."""
 
-    def __init__(self, registry: CameraRegistry, url_policy: UrlPolicyConfig, max_cameras: int) -> None:
+    def __init__(self, registry: CameraRegistry, url_policy: UrlPolicyConfig, max_cameras: int, previews: PreviewMode) -> None:
         self.registry = registry
         self.url_policy = url_policy
         self.max_cameras = max_cameras
+        self.previews = previews
 
     def add(self, request: StreamRequest) -> dict[str, Any]:
         try:
@@ -111,6 +112,9 @@ class StreamController:
             raise ApiError(422, f"stream: url: {refusal}") from None
         except ConfigError as error:
             raise ApiError(422, scrub_credentials(str(error), request.url)) from None
+        refusal = refuse_preview(self.previews, camera)
+        if refusal is not None:
+            raise ApiError(422, f"stream: options.preview: {refusal}")
         outcome = self.registry.add_within(camera, self.max_cameras)
         if outcome is AddOutcome.EXISTS:
             raise ApiError(409, f"stream {camera.camera_id!r} already exists")

@@ -18,6 +18,7 @@ from pipeline.config import (
     load_config,
     load_yaml,
     parse_config,
+    refuse_preview,
 )
 from pipeline.url_policy import UrlOrigin, UrlRefused
 from serve_app.deployments import ControllerDeployment, ExpressionClassifierDeployment, FaceDetectorDeployment, IngestDeployment
@@ -92,6 +93,10 @@ def build_app(args: dict[str, Any]) -> Application:
             config.url_policy.check(camera.url, UrlOrigin.CONFIG)
         except UrlRefused as refusal:
             raise ConfigError(f"application args: camera {camera.camera_id!r}: url: {refusal}") from None
+        # The same check for the cameras file's: previews: none refuses a camera asking for one.
+        preview_refused = refuse_preview(config.previews, camera)
+        if preview_refused is not None:
+            raise ConfigError(f"application args: preview: {preview_refused}")
     if len(cameras) > config.max_cameras:
         raise ConfigError(
             f"application args: {len(cameras)} cameras (pipeline_config and cameras_file), more than max_cameras ({config.max_cameras})"

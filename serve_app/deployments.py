@@ -31,7 +31,7 @@ from pipeline.analysis import CameraAnalyzer
 from pipeline.auth import ApiTokens, check_exposure
 from pipeline.checkpoint import ModelMetadata
 from pipeline.classification import ExpressionClassifier, crop_faces, crop_margin
-from pipeline.config import PipelineConfig, SourceConfig, environment_overrides, merge_sections, parse_config
+from pipeline.config import PipelineConfig, SourceConfig, environment_overrides, merge_sections, parse_config, preview_on
 from pipeline.detection import FaceDetection, build_detector, downscale_for_detection, scale_detections
 from pipeline.events import EventPublisher, redis_client
 from pipeline.isolation import FrameFailures, UnitFailure, call_per_unit, describe_error
@@ -379,9 +379,10 @@ class IngestDeployment:
 
     def _start_session(self, camera: SourceConfig) -> None:
         metadata = self._model_metadata()
-        # Only a camera that asked for it draws previews: face pixels stay in this process otherwise.
+        # Only a camera that asked for it (or every camera, with previews: all) draws previews: face
+        # pixels stay in this process otherwise.
         preview = None
-        if camera.preview:
+        if preview_on(self.config.previews, camera):
             store = PreviewStore(self.registry.client, self.config.events.stream_prefix)
             preview = PreviewWriter(store, camera.camera_id, metadata.classes)
         session = CameraSession(
@@ -431,9 +432,10 @@ class ControllerDeployment:
         self.ingest = ingest
         # Start-up cameras are registered once: one the API removed since stays removed.
         self.registry.seed(parse_config(SourceConfig, camera, "cameras_file") for camera in cameras)
-        controller = StreamController(self.registry, pipeline_config.url_policy, pipeline_config.max_cameras)
+        controller = StreamController(self.registry, pipeline_config.url_policy, pipeline_config.max_cameras, pipeline_config.previews)
         live = LiveSummaries(self.registry.client, events.stream_prefix, hold_s=live_hold_s(events))
-        page = live_page_router(live, PreviewStore(self.registry.client, events.stream_prefix), self.registry.cameras)
+        previews = PreviewStore(self.registry.client, events.stream_prefix)
+        page = live_page_router(live, previews, self.registry.cameras, pipeline_config.previews)
         self.api = build_api(controller, auth, routers=[page], open_paths=OPEN_PATHS | PAGE_PATHS, open_prefixes=PAGE_PREFIXES)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Response
 from fastapi.responses import FileResponse
 
-from pipeline.config import EventsConfig, SourceConfig
+from pipeline.config import EventsConfig, PreviewMode, SourceConfig, preview_on
 from pipeline.live import LiveSummaries
 from pipeline.preview import PreviewStore
 
@@ -33,8 +33,15 @@ def live_hold_s(events: EventsConfig) -> float:
     return events.heartbeat_s + 1.0 if events.policy == "on_change" else 1.0
 
 
-def live_page_router(live: LiveSummaries, previews: PreviewStore, cameras: Callable[[], dict[str, SourceConfig]]) -> APIRouter:
+def live_page_router(
+    live: LiveSummaries, previews: PreviewStore, cameras: Callable[[], dict[str, SourceConfig]], preview_mode: PreviewMode
+) -> APIRouter:
     router = APIRouter()
+    preview_off = (
+        "previews are off for this app (previews: none)"
+        if preview_mode == "none"
+        else "preview is off for this stream (add it with options.preview: true, or set the app's previews: all)"
+    )
 
     @router.get("/", include_in_schema=False)
     def live_page() -> FileResponse:
@@ -56,12 +63,12 @@ def live_page_router(live: LiveSummaries, previews: PreviewStore, cameras: Calla
     def stream_summary(camera_id: str) -> dict[str, Any]:
         """The last minute of the camera's events: emotion mix, per-5-s face-seconds, current tracks."""
         camera = camera_of(camera_id)
-        return {**live.summary(camera_id, time.time()).to_json_dict(), "preview": camera.preview}
+        return {**live.summary(camera_id, time.time()).to_json_dict(), "preview": preview_on(preview_mode, camera)}
 
     @router.get("/streams/{camera_id}/preview.jpg")
     def stream_preview(camera_id: str) -> Response:
-        if not camera_of(camera_id).preview:
-            raise HTTPException(status_code=403, detail="preview is off for this stream (add it with options.preview: true)")
+        if not preview_on(preview_mode, camera_of(camera_id)):
+            raise HTTPException(status_code=403, detail=preview_off)
         jpeg = previews.get(camera_id)
         if jpeg is None:
             raise HTTPException(status_code=404, detail="no preview frame of this stream yet")

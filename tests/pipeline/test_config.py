@@ -16,6 +16,7 @@ from pipeline.config import (
     load_config,
     merge_sections,
     parse_config,
+    preview_on,
     url_scheme,
 )
 
@@ -219,3 +220,21 @@ def test_the_onnxruntime_backend_is_cpu_only_and_needs_a_file():
     with pytest.raises(ValidationError, match="ferstream export --format onnx"):
         ClassifierConfig(backend="onnxruntime")
     assert ClassifierConfig(device="cuda").backend == "torch"
+
+
+@pytest.mark.parametrize(
+    ("mode", "asked", "on"),
+    [("per_camera", False, False), ("per_camera", True, True), ("all", False, True), ("all", True, True), ("none", False, False)],
+)
+def test_preview_on_follows_the_apps_mode_then_the_camera(mode, asked, on):
+    assert preview_on(mode, SourceConfig(camera_id="a", url="rtsp://h/a", preview=asked)) is on
+
+
+def test_previews_none_refuses_a_camera_that_asks_for_one_naming_it(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    cameras = "  - {camera_id: ok, url: rtsp://h/a}\n  - {camera_id: door, url: rtsp://h/b, preview: true}\n"
+    path.write_text(f"previews: none\ncameras:\n{cameras}")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "cameras" in str(error.value) and "1.preview" in str(error.value) and "'door'" in str(error.value)
+    assert PipelineConfig().previews == "per_camera"  # off unless a camera asks

@@ -73,22 +73,24 @@ class Service:
     def app_status(self) -> dict[str, Any] | None:
         return self.ray_driver(APP_STATUS)
 
-    def ray_driver(self, code: str) -> Any:
-        """Run ``code`` (which must print one JSON line last) as a separate Ray driver on this cluster."""
+    def _driver_command(self, code: str) -> list[str]:
         prelude = (
             f"import json, ray; from ray import serve; ray.init(address={self.ray_address!r}, logging_level='ERROR', log_to_driver=False); "
         )
-        result = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120, check=False)
+        return [sys.executable, "-c", prelude + code]
+
+    def ray_driver(self, code: str) -> Any:
+        """Run ``code`` (which must print one JSON line last) as a separate Ray driver on this cluster."""
+        command = self._driver_command(code)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, env=cluster_env())
         if result.returncode != 0:
             raise AssertionError(f"Ray driver exited {result.returncode}:\n{result.stderr[-3000:]}")
         return json.loads(result.stdout.strip().splitlines()[-1])
 
     def ray_driver_in_background(self, code: str) -> subprocess.Popen[str]:
         """:meth:`ray_driver` without waiting: for a call that blocks while the test does something else."""
-        prelude = (
-            f"import json, ray; from ray import serve; ray.init(address={self.ray_address!r}, logging_level='ERROR', log_to_driver=False); "
-        )
-        return subprocess.Popen([sys.executable, "-c", prelude + code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        command = self._driver_command(code)
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cluster_env())
 
     def ingest(self) -> dict[str, Any]:
         """Ingest.describe() through a Serve handle."""
@@ -106,6 +108,15 @@ class Service:
 
     def wait_until(self, condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
         return support.wait_until(condition, timeout_s, what, detail=self.log_tail)
+
+
+def cluster_env() -> dict[str, str]:
+    """The environment of every process of a test cluster, its drivers included: token auth off,
+    explicitly, on a loopback-only cluster. With a ~/.ray/auth_token on the machine (an earlier local
+    ``ray.init``, the automl test's, writes one), Ray 2.60 turns token auth on in a process that does
+    not say otherwise; a driver that did would refuse the replies of replicas that send no token, and
+    its handle calls would hang."""
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def ray_cli(name: str) -> str:
@@ -202,9 +213,7 @@ def running_service(
     started, for tests of an app that must not come up."""
     # Ray's unix sockets must fit in 107 bytes: keep its session directory short.
     ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    # Token auth off, explicitly: a loopback-only test cluster; with a ~/.ray/auth_token left on the
-    # machine, Ray 2.60 would otherwise demand a token that `serve run` does not send.
-    env = {**os.environ, "FERSTREAM_REDIS_URL": redis_url, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**cluster_env(), "FERSTREAM_REDIS_URL": redis_url}
     for name in AUTH_ENV:  # only what this test asks for
         env.pop(name, None)
     token = secrets.token_hex(32) if api_token == "generate" else api_token

@@ -72,7 +72,7 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 def serve(client: redis.Redis, auth: ApiAuth, url_policy: UrlPolicyConfig | None = None, max_cameras: int = 8) -> ApiServer:
-    controller = StreamController(CameraRegistry(client, "test"), url_policy or UrlPolicyConfig(), max_cameras)
+    controller = StreamController(CameraRegistry(client, "test"), url_policy or UrlPolicyConfig(), max_cameras, "per_camera")
     return ApiServer(build_api(controller, auth))
 
 
@@ -152,7 +152,7 @@ def test_added_routers_are_behind_the_token_unless_their_path_is_open(client: re
     def asset(name: str) -> dict[str, str]:
         return {"asset": name}
 
-    controller = StreamController(CameraRegistry(client, "test"), UrlPolicyConfig(), 8)
+    controller = StreamController(CameraRegistry(client, "test"), UrlPolicyConfig(), 8, "per_camera")
     auth = ApiAuth(ApiTokens([TOKEN]), required=True)
     app = build_api(controller, auth, open_paths=frozenset({"/healthz", "/page"}), routers=[router], open_prefixes=frozenset({"/static/"}))
     with ApiServer(app) as api:

@@ -43,7 +43,7 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def api(client: redis.Redis) -> Iterator[tuple[ApiServer, schemathesis.BaseSchema]]:
-    controller = StreamController(CameraRegistry(client, "fuzz"), UrlPolicyConfig(), MAX_CAMERAS)
+    controller = StreamController(CameraRegistry(client, "fuzz"), UrlPolicyConfig(), MAX_CAMERAS, "per_camera")
     app = build_api(controller, ApiAuth(ApiTokens([TOKEN]), required=True))
     # The document the app serves (behind the token) is app.openapi(); loaded directly, it needs no request.
     schema = schemathesis.openapi.from_dict(app.openapi())

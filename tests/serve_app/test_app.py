@@ -786,3 +786,12 @@ def test_build_app_refuses_more_cameras_than_max_cameras(tmp_path: Path) -> None
 def test_batching_options_refuse_non_finite_numbers(user_config: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"FaceDetector\.user_config: batch_wait_timeout_s: .*finite"):
         reconfigure_batching(FakeBatchMethod(), BusyAwareBatchWait(0.5), user_config, "FaceDetector", DETECTOR_BATCHING)
+
+
+def test_build_app_applies_previews_none_to_the_cameras_file_too(tmp_path: Path) -> None:
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"previews": "none"}))
+    cameras_file = tmp_path / "cameras.yaml"
+    cameras_file.write_text(yaml.safe_dump([{"camera_id": "door", "url": "rtsp://h/a", "preview": True}]))
+    message = config_error({"pipeline_config": str(pipeline), "cameras_file": str(cameras_file)})
+    assert "preview" in message and "'door'" in message and "previews: none" in message

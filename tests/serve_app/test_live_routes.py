@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
 
 from pipeline.auth import ApiAuth, ApiTokens
-from pipeline.config import SourceConfig, UrlPolicyConfig
+from pipeline.config import PipelineConfig, PreviewMode, SourceConfig, UrlPolicyConfig
 from pipeline.live import LiveSummaries
 from pipeline.preview import PreviewStore
 from pipeline.registry import CameraRegistry
@@ -18,15 +19,17 @@ from tests.conftest import RedisServer
 from tests.serve_app.test_api import AUTH, TOKEN, ApiServer
 
 
-@pytest.fixture
-def page(redis_server: RedisServer) -> Iterator[tuple[ApiServer, CameraRegistry, PreviewStore]]:
+@contextmanager
+def page_with(redis_server: RedisServer, mode: PreviewMode) -> Iterator[tuple[ApiServer, CameraRegistry, PreviewStore]]:
+    """The API and the page's routes as the Controller wires them, under the app's previews ``mode``."""
     client = redis.Redis.from_url(redis_server.url, socket_timeout=2)
+    client.flushdb()
     registry = CameraRegistry(client, "test")
     previews = PreviewStore(client, "test")
-    router = live_page_router(LiveSummaries(client, "test", hold_s=1.0), previews, registry.cameras)
+    router = live_page_router(LiveSummaries(client, "test", hold_s=1.0), previews, registry.cameras, mode)
     auth = ApiAuth(ApiTokens([TOKEN]), required=True)
     app = build_api(
-        StreamController(registry, UrlPolicyConfig(), 8),
+        StreamController(registry, UrlPolicyConfig(), 8, mode),
         auth,
         routers=[router],
         open_paths=OPEN_PATHS | PAGE_PATHS,
@@ -34,6 +37,12 @@ def page(redis_server: RedisServer) -> Iterator[tuple[ApiServer, CameraRegistry,
     )
     with ApiServer(app) as server:
         yield server, registry, previews
+
+
+@pytest.fixture
+def page(redis_server: RedisServer) -> Iterator[tuple[ApiServer, CameraRegistry, PreviewStore]]:
+    with page_with(redis_server, PipelineConfig.model_fields["previews"].default) as running:
+        yield running
 
 
 def test_the_page_and_its_files_are_open_and_nothing_else_is(page) -> None:
@@ -58,3 +67,22 @@ def test_summary_and_preview_follow_the_cameras_setting(page) -> None:
     response = server.get("/streams/on/preview.jpg", AUTH)
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     assert server.get("/streams/missing/summary", AUTH).status_code == 404
+
+
+def test_previews_all_serves_every_camera_and_none_serves_none(redis_server: RedisServer) -> None:
+    with page_with(redis_server, "all") as (server, registry, previews):
+        registry.add(SourceConfig(camera_id="plain", url="rtsp://10.0.0.5/a"))  # preview not asked for
+        assert server.get("/streams/plain/summary", AUTH).json()["preview"] is True
+        previews.put("plain", b"\xff\xd8jpeg")
+        assert server.get("/streams/plain/preview.jpg", AUTH).status_code == 200
+    with page_with(redis_server, "none") as (server, registry, previews):
+        registry.add(SourceConfig(camera_id="old", url="rtsp://10.0.0.5/b", preview=True))  # registered before the mode changed
+        previews.put("old", b"\xff\xd8jpeg")
+        assert server.get("/streams/old/summary", AUTH).json()["preview"] is False
+        refused = server.get("/streams/old/preview.jpg", AUTH)
+        assert refused.status_code == 403 and "previews: none" in refused.json()["detail"]
+        body = {"camera_id": "new", "url": "rtsp://10.0.0.5/c", "options": {"preview": True}}
+        added = server.post(body)
+        assert added.status_code == 422 and "options.preview" in added.json()["detail"] and "previews: none" in added.json()["detail"]
+        assert "new" not in registry.cameras()
+        assert server.post({**body, "options": {}}).status_code == 201  # without a preview it is welcome
