@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from pipeline.architectures import ARCHITECTURES
+from pipeline.entry import INTERRUPTED
 from pipeline.training.data import int_at_least
 
 __all__ = [
@@ -335,6 +336,15 @@ def _trial_summaries(results: Any, trials_dir: Path) -> list[dict[str, Any]]:
     return summaries
 
 
+def _unfinished_trials(experiment: Path) -> int:
+    """Trials the saved experiment state still has to run. Ctrl-C makes Tune save the state with them
+    pending and return (its ResultGrid then shows them terminated); a search that ran its course (its
+    budget, ASHA) has every trial terminated or errored."""
+    from ray.tune import ExperimentAnalysis
+
+    return sum(trial.status not in ("TERMINATED", "ERROR") for trial in ExperimentAnalysis(str(experiment)).trials)
+
+
 def run_search(args: argparse.Namespace, train_args: argparse.Namespace) -> dict[str, Any]:
     """Run (or, with ``--resume``, continue) the search and write the leaderboard."""
     from ray import tune
@@ -387,6 +397,7 @@ def run_search(args: argparse.Namespace, train_args: argparse.Namespace) -> dict
             )
         results = tuner.fit()
         summaries = _trial_summaries(results, trials_dir)
+        unfinished = _unfinished_trials(experiment)
     finally:
         if started_ray:
             import ray
@@ -402,6 +413,7 @@ def run_search(args: argparse.Namespace, train_args: argparse.Namespace) -> dict
         "cpus_per_trial": args.cpus_per_trial,
         "search_wall_time_s": round(time.perf_counter() - started, 1),
         "faces_per_s_threads": threads,
+        "unfinished_trials": unfinished,
     }
     return write_leaderboard(output_dir, leaderboard_rows(summaries, threads), args.top_k, search)
 
@@ -439,6 +451,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     if report["best_checkpoints"]:
         print("ensemble the best: ferstream ensemble " + " ".join(report["best_checkpoints"]) + " --data <val split> --output <file>")
+    unfinished = report["search"]["unfinished_trials"]
+    if unfinished:
+        print(
+            f"ferstream automl: interrupted with {unfinished} trial(s) unfinished; the leaderboard covers what ran. Continue the "
+            "search with the same command and --resume (unfinished trials go on from their last epoch's checkpoint).",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     return 0 if report["best_checkpoints"] else 1
 
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.training.automl import PRESETS, apply_trial_config, main
 from pipeline.training.train import get_args_parser
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_importing_automl_does_not_import_ray() -> None:
@@ -79,3 +84,47 @@ def test_two_trials_one_epoch_write_a_leaderboard_and_loadable_checkpoints(tiny_
 def test_bad_search_options_fail_before_ray_starts(flag: str, value: str, tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([flag, value, "--data-path", str(tiny_data)]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_a_search_stopped_by_ctrl_c_says_so_and_resume_finishes_it_from_its_checkpoints(tiny_data: Path, tmp_path: Path) -> None:
+    # Ctrl-C (SIGINT) once the trial has finished an epoch or two, then the same command with --resume.
+    out = tmp_path / "search"
+    command = [sys.executable, "-m", "pipeline.training.automl", "--archs", "tiny", "--epochs", "12", "--num-samples", "1"]
+    command += ["--cpus-per-trial", "1", "--time-limit", "600", "--output-dir", str(out)]
+    command += ["--data-path", str(tiny_data), "--batch-size", "16", "--no-cache"]
+    first = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # Ctrl-C's default even under a CI shell
+    )
+    deadline = time.monotonic() + 300
+    while not trial_epochs(out) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert trial_epochs(out), "no epoch finished"
+    first.send_signal(signal.SIGINT)
+    first_output, _ = first.communicate(timeout=180)
+    assert first.returncode == 130, first_output[-3000:]
+    assert "interrupted with 1 trial(s) unfinished" in first_output and "--resume" in first_output
+    interrupted = json.loads((out / "leaderboard.json").read_text())
+    assert interrupted["search"]["unfinished_trials"] == 1 and interrupted["trials"][0]["epochs_run"] < 12
+    first_epoch = trial_epochs(out)[0]
+
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr  # the trainer's exact resume, not a fresh start
+    report = json.loads((out / "leaderboard.json").read_text())
+    assert report["search"]["unfinished_trials"] == 0
+    (row,) = report["trials"]
+    assert row["status"] == "finished" and row["epochs_run"] == 12
+    epochs = trial_epochs(out)
+    assert [epoch["epoch"] for epoch in epochs] == list(range(1, 13))
+    assert epochs[0] == first_epoch  # epoch 1 was not trained again: its row, wall time included, is the first run's
+
+
+def trial_epochs(search: Path) -> list[dict[str, Any]]:
+    """The one trial's per-epoch rows (the trainer's metrics.jsonl), [] before its first epoch."""
+    files = list(search.glob("trials/*/metrics.jsonl"))
+    return [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
