@@ -1,6 +1,7 @@
 """The single-process pipeline: end to end with real clips, real MTCNN, the shipped model and a real redis-server;
 failure isolation with fake models."""
 
+import os
 import threading
 import time
 from collections import Counter
@@ -305,6 +306,8 @@ def test_stop_sources_stops_every_camera_at_once_and_keeps_them_listed(tmp_path)
 # -- a Redis outage under 4 cameras (real sources, real redis-server, fake models) ----------------------
 
 OUTAGE_CAMERAS = ("cam1", "cam2", "cam3", "cam4")
+# 8 s in CI; the issue's figure is 30 s: FERSTREAM_OUTAGE_S=30 (benchmarks/RELIABILITY.md has the command and results).
+OUTAGE_S = float(os.environ.get("FERSTREAM_OUTAGE_S", "8"))
 
 
 def event_key(event: ExpressionEvent) -> tuple[str, str, int, int]:
@@ -326,7 +329,8 @@ def test_a_redis_outage_under_four_cameras_loses_only_what_overflows_the_buffer_
     pipeline = StreamPipeline(config, metrics, models, publisher, on_events=lambda _camera, events: produced.extend(events))
     for camera_id in OUTAGE_CAMERAS:
         pipeline.add_camera(SourceConfig(camera_id=camera_id, url=str(clip), loop=True, realtime=True, target_fps=10))
-    runner = threading.Thread(target=pipeline.run, kwargs={"max_seconds": 60}, daemon=True)
+    assert 1.0 <= OUTAGE_S <= 600.0, f"FERSTREAM_OUTAGE_S={OUTAGE_S}: 1 to 600 seconds"
+    runner = threading.Thread(target=pipeline.run, kwargs={"max_seconds": OUTAGE_S + 60}, daemon=True)
     runner.start()
     try:
         time.sleep(2.0)
@@ -335,7 +339,7 @@ def test_a_redis_outage_under_four_cameras_loses_only_what_overflows_the_buffer_
         redis.Redis.from_url(redis_server.url).config_set("save", "3600 1")
         down_from = len(produced)
         redis_server.stop()  # the process is gone: every write fails at once
-        time.sleep(8.0)
+        time.sleep(OUTAGE_S)
         during_outage = len(produced) - down_from
         redis_server.start()  # same port, same data
         time.sleep(3.0)
@@ -362,6 +366,10 @@ def test_a_redis_outage_under_four_cameras_loses_only_what_overflows_the_buffer_
         for reason in ("buffer_full", "closed")
     )
     assert drops == len(lost)  # every event that did not arrive is counted, exactly
+    print(
+        f"outage {OUTAGE_S:g} s, buffer {buffer_max_events}: {len(produced)} events published, {during_outage} during the "
+        f"outage, {len(stored)} stored, {len(lost)} lost, {drops:g} counted as dropped, 0 duplicates"
+    )
     if buffer_max_events >= during_outage:
         assert not lost  # 0 events lost within the buffer
     else:
