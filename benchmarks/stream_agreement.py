@@ -144,7 +144,7 @@ def write_failures(path: Path, rows: list[tuple[str, list[Any]]]) -> None:
             strip[24:, left : left + tile_width] = tile
         blocks.append(strip)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.vstack(blocks)):
+    if not cv2.imwrite(str(path), np.vstack(blocks), [cv2.IMWRITE_PNG_COMPRESSION, 9]):
         raise SystemExit(f"cannot write {path}")
 
 
