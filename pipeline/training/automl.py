@@ -320,15 +320,19 @@ def _start_ray(cpus: int) -> bool:
 def _trial_summaries(results: Any, trials_dir: Path) -> list[dict[str, Any]]:
     summaries = []
     for result in results:
+        if not result.config and result.error is None:
+            continue  # never started (a search stopped by Ctrl-C): no configuration, no directory yet
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        status = "error" if result.error else ("finished" if metrics.get("epoch") == result.config.get("epochs") else "stopped")
+        config = dict(result.config or {})
+        finished = metrics.get("epoch") is not None and metrics.get("epoch") == config.get("epochs")
+        status = "error" if result.error else ("finished" if finished else "stopped")
         summaries.append(
             {
                 "trial_id": trial_id,
                 "trial_dir": str(trials_dir / trial_id),
                 "status": status,
-                "config": dict(result.config),
+                "config": config,
                 "epochs_run": metrics.get("epoch", 0),
                 "wall_time_s": round(float(metrics.get("time_total_s", 0.0)), 1),
             }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -87,10 +88,12 @@ def test_bad_search_options_fail_before_ray_starts(flag: str, value: str, tiny_d
 
 
 def test_a_search_stopped_by_ctrl_c_says_so_and_resume_finishes_it_from_its_checkpoints(tiny_data: Path, tmp_path: Path) -> None:
-    # Ctrl-C (SIGINT) once the trial has finished an epoch or two, then the same command with --resume.
+    # Ctrl-C (SIGINT) once the first trial has finished an epoch, while the second still waits for the CPUs (each
+    # trial holds all of them), then the same command with --resume.
     out = tmp_path / "search"
-    command = [sys.executable, "-m", "pipeline.training.automl", "--archs", "tiny", "--epochs", "12", "--num-samples", "1"]
-    command += ["--cpus-per-trial", "1", "--time-limit", "600", "--output-dir", str(out)]
+    cpus = str(os.cpu_count() or 1)
+    command = [sys.executable, "-m", "pipeline.training.automl", "--archs", "tiny", "--epochs", "12", "--num-samples", "2"]
+    command += ["--cpus-per-trial", cpus, "--time-limit", "600", "--output-dir", str(out)]
     command += ["--data-path", str(tiny_data), "--batch-size", "16", "--no-cache"]
     first = subprocess.Popen(
         command,
@@ -107,24 +110,30 @@ def test_a_search_stopped_by_ctrl_c_says_so_and_resume_finishes_it_from_its_chec
     first.send_signal(signal.SIGINT)
     first_output, _ = first.communicate(timeout=180)
     assert first.returncode == 130, first_output[-3000:]
-    assert "interrupted with 1 trial(s) unfinished" in first_output and "--resume" in first_output
+    assert "interrupted with 2 trial(s) unfinished" in first_output and "--resume" in first_output
     interrupted = json.loads((out / "leaderboard.json").read_text())
-    assert interrupted["search"]["unfinished_trials"] == 1 and interrupted["trials"][0]["epochs_run"] < 12
-    first_epoch = trial_epochs(out)[0]
+    assert interrupted["search"]["unfinished_trials"] == 2
+    (started,) = interrupted["trials"]  # the trial that never started is not a row
+    assert started["status"] == "stopped" and started["epochs_run"] < 12
+    first_epochs = trial_epochs(out)
+    assert list(first_epochs) == [started["trial"]]
 
     resumed = subprocess.run([*command, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr  # the trainer's exact resume, not a fresh start
     report = json.loads((out / "leaderboard.json").read_text())
     assert report["search"]["unfinished_trials"] == 0
-    (row,) = report["trials"]
-    assert row["status"] == "finished" and row["epochs_run"] == 12
+    assert [(row["status"], row["epochs_run"]) for row in report["trials"]] == [("finished", 12), ("finished", 12)]
     epochs = trial_epochs(out)
-    assert [epoch["epoch"] for epoch in epochs] == list(range(1, 13))
-    assert epochs[0] == first_epoch  # epoch 1 was not trained again: its row, wall time included, is the first run's
+    assert all([epoch["epoch"] for epoch in rows] == list(range(1, 13)) for rows in epochs.values())
+    # Epoch 1 of the interrupted trial was not trained again: its row, wall time included, is the first run's.
+    assert epochs[started["trial"]][0] == first_epochs[started["trial"]][0]
 
 
-def trial_epochs(search: Path) -> list[dict[str, Any]]:
-    """The one trial's per-epoch rows (the trainer's metrics.jsonl), [] before its first epoch."""
-    files = list(search.glob("trials/*/metrics.jsonl"))
-    return [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
+def trial_epochs(search: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each trial's per-epoch rows (the trainer's metrics.jsonl), for the trials with one epoch done."""
+    return {
+        path.parent.name: [json.loads(line) for line in path.read_text().splitlines()]
+        for path in search.glob("trials/*/metrics.jsonl")
+        if path.read_text().strip()
+    }
