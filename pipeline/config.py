@@ -443,8 +443,10 @@ class PipelineConfig(StrictModel):
     @classmethod
     def _previews_follow_the_mode(cls, cameras: list[SourceConfig], info: ValidationInfo) -> list[SourceConfig]:
         mode = info.data.get("previews")
+        if mode is None:  # previews itself was invalid: that error is reported
+            return cameras
         for index, camera in enumerate(cameras):
-            refusal = refuse_preview(mode, camera) if mode is not None else None
+            refusal = refuse_preview(mode, camera)
             if refusal is not None:
                 raise ValueError(f"{index}.preview: {refusal}")
         return cameras
