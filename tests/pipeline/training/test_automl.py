@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.training.automl import PRESETS, apply_trial_config, main
+from pipeline.training.automl import COMPACT_RECIPE, PRESETS, SearchPreset, _portfolio_points, apply_trial_config, main
 from pipeline.training.train import get_args_parser
 
 REPO = Path(__file__).resolve().parents[3]
@@ -32,6 +32,25 @@ def test_every_preset_states_a_budget_and_trainable_archs() -> None:
     budgets = [PRESETS[name].time_budget_s for name in ("low_resource", "default", "balanced", "high_quality")]
     assert budgets == sorted(budgets) and len(set(budgets)) == 4
     assert "resnet18" in PRESETS["high_quality"].archs
+
+
+def test_the_portfolio_recipe_is_the_shipped_models_command_line() -> None:
+    # MODEL_CARD.md's compact-v2 command is `ferstream train`'s defaults plus these; the portfolio must not drift from it.
+    shipped = get_args_parser().parse_args(["--data-path", "x", "--epochs", "60", "--label-smoothing", "0.1", "--random-erase", "0.25"])
+    args = apply_trial_config(shipped, COMPACT_RECIPE, Path("/tmp/unused"), threads=2)
+    for name in ("arch", "epochs", "lr", "wd", "label_smoothing", "rotation", "scale", "random_erase", "mixup_alpha", "cutmix_alpha"):
+        assert getattr(args, name) == getattr(shipped, name), name
+    assert args.dropout == 0.2  # compact's own default, which the shipped run kept
+
+
+def test_portfolio_points_follow_the_run_options() -> None:
+    low = PRESETS["low_resource"]
+    assert _portfolio_points(low, "sgd") == [COMPACT_RECIPE | {"epochs": 34}]
+    assert max(low.epochs) == 34  # ASHA's max_t: the recipe runs its whole schedule
+    shorter = SearchPreset(**{**vars(low), "epochs": (1,)})
+    assert _portfolio_points(shorter, "sgd") == [COMPACT_RECIPE | {"epochs": 1}]
+    assert _portfolio_points(SearchPreset(**{**vars(low), "archs": ("tiny",)}), "sgd") == []
+    assert _portfolio_points(low, "adamw") == []  # lr 0.05 is an SGD step size
 
 
 def test_trial_config_maps_onto_train_arguments(tmp_path: Path) -> None:
