@@ -43,7 +43,7 @@ import torch
 
 from pipeline.architectures import ARCHITECTURES
 from pipeline.entry import INTERRUPTED
-from pipeline.training.data import int_at_least
+from pipeline.training.options import int_at_least
 
 __all__ = [
     "PRESETS",

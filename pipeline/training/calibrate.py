@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, preprocess_crops, save_checkpoint
-from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, load_split_from_args
+from pipeline.training.data import DatasetError
 from pipeline.training.evaluate import evaluate
 from pipeline.training.logit_adjust import final_linear
+from pipeline.training.options import add_compute_arguments, apply_threads
+from pipeline.training.splits import add_dataset_arguments, load_split_from_args
 
 __all__ = ["fit_temperature", "fold_temperature", "main"]
 

@@ -42,16 +42,10 @@ from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoi
 from pipeline.classification import crop_faces
 from pipeline.config import AnyDetectorConfig, ConfigError, PipelineConfig, load_config
 from pipeline.detection import FaceDetection, FaceDetector, build_detector, detect_frames
-from pipeline.training.data import (
-    DatasetError,
-    LoadedSplit,
-    add_compute_arguments,
-    add_dataset_arguments,
-    apply_threads,
-    int_at_least,
-    load_split_from_args,
-)
+from pipeline.training.data import DatasetError
 from pipeline.training.evaluate import predict_probabilities
+from pipeline.training.options import add_compute_arguments, apply_threads, int_at_least
+from pipeline.training.splits import LoadedSplit, add_dataset_arguments, load_split_from_args
 
 __all__ = [
     "DEFAULT_MARGINS",

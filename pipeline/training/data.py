@@ -4,7 +4,7 @@ Layouts: ImageFolder trees (``<root>/<class>/*.jpg|png``) with class names or, u
 scheme, the digit folders of the Kaggle RAF-DB (``1``-``7``) and AffectNet (``0``-``7``) exports;
 the original RAF-DB basic release (``EmoLabel/list_patition_label.txt`` + ``Image/aligned/``);
 fer2013.csv (``emotion,pixels,Usage``); FER+ majority labels (``fer2013new.csv``) on fer2013.csv.
-:func:`load_split` picks one of them (``--data-format``) for ``ferstream train`` and ``ferstream eval``.
+:func:`pipeline.training.splits.load_split` picks one of them (``--data-format``) for ``ferstream train`` and ``ferstream eval``.
 
 FER2013 is tiny (28,709 x 48 x 48 bytes = 66 MB), so the whole split is decoded once and kept as
 one numpy array; the two CPU cores then go to the network instead of to JPEG decoding every
@@ -13,11 +13,10 @@ epoch. Decoded image files are cached on disk keyed by the files' paths, labels,
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -27,13 +26,10 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "CLASS_ALIASES",
-    "DATA_FORMATS",
     "FER_CLASSES",
     "LABEL_SCHEMES",
-    "SPLITS",
     "DatasetError",
     "ImageDataset",
-    "add_dataset_arguments",
     "cache_dir",
     "canonical_class",
     "ferplus_majority_label",
@@ -41,10 +37,6 @@ __all__ = [
     "load_ferplus",
     "load_image_folder",
     "load_rafdb",
-    "LoadedSplit",
-    "load_split",
-    "load_split_from_args",
-    "resolve_format",
 ]
 
 # Canonical order: the seven FER2013 names, alphabetical. Label i always means FER_CLASSES[i].
@@ -449,164 +441,3 @@ def load_ferplus(
             yield name, f"{name!r} (FER+ majority) at {ferplus_csv}:{i + 2}", image, f"{ferplus_csv.name}:row{i}"
 
     return _array_dataset(majority_rows(), labeler, image_size, f"no FER+ majority-labelled rows with Usage in {sorted(wanted)}")
-
-
-# --------------------------------------------------------------------------- one dataset selection for train and eval
-
-DATA_FORMATS = ("auto", "imagefolder", "fer2013-csv", "ferplus", "rafdb")
-# (train, val) split of the formats whose splits are named inside the data; an ImageFolder's splits
-# are subfolders (`ferstream train --train-dir/--val-dir`, `ferstream eval --data <split folder>`).
-SPLITS: dict[str, tuple[str, str]] = {
-    "fer2013-csv": ("Training", "PublicTest"),
-    "ferplus": ("Training", "PublicTest"),
-    "rafdb": ("train", "test"),
-}
-
-
-def resolve_format(source: str | Path, fmt: str = "auto", ferplus_csv: str | Path | None = None) -> str:
-    """``fmt`` checked, or for ``auto`` detected from ``source``.
-
-    A ``.csv`` file is fer2013.csv (FER+ with ``ferplus_csv``), a folder with ``EmoLabel/`` is RAF-DB
-    basic, anything else an ImageFolder tree.
-    """
-    if fmt not in DATA_FORMATS:
-        raise DatasetError(f"unknown data format {fmt!r}; expected one of {', '.join(DATA_FORMATS)}")
-    if fmt == "auto":
-        source = Path(source).expanduser()
-        if source.suffix.lower() == ".csv":
-            fmt = "ferplus" if ferplus_csv else "fer2013-csv"
-        elif (source / "EmoLabel").is_dir():
-            fmt = "rafdb"
-        else:
-            fmt = "imagefolder"
-    if fmt == "ferplus" and not ferplus_csv:
-        raise DatasetError("--data-format ferplus needs --ferplus-csv (fer2013new.csv) next to the fer2013.csv data")
-    if ferplus_csv and fmt != "ferplus":
-        raise DatasetError(f"--ferplus-csv relabels fer2013.csv rows; it does not apply to --data-format {fmt}")
-    return fmt
-
-
-def load_split(
-    source: str | Path,
-    split: str | None,
-    fmt: str = "auto",
-    image_size: int = 48,
-    classes: Sequence[str] = FER_CLASSES,
-    use_cache: bool = True,
-    ferplus_csv: str | Path | None = None,
-    label_scheme: str = "names",
-    skip_classes: Iterable[str] = (),
-) -> ImageDataset:
-    """One split of a dataset in any supported layout (``fmt``, see :func:`resolve_format`).
-
-    ``split`` is, per format: imagefolder, a subfolder of ``source`` (None: ``source`` itself);
-    fer2013-csv and ferplus, a Usage (Training, PublicTest, PrivateTest); rafdb, train or test.
-    """
-    source = Path(source).expanduser()
-    fmt = resolve_format(source, fmt, ferplus_csv)
-    if label_scheme != "names" and fmt != "imagefolder":
-        raise DatasetError(f"--label-scheme {label_scheme} applies to ImageFolder class folders, not to --data-format {fmt}")
-    if fmt == "imagefolder":
-        root = source / split if split else source
-        return load_image_folder(root, image_size, classes, use_cache, label_scheme=label_scheme, skip_classes=skip_classes)
-    if split is None:
-        raise DatasetError(f"--data-format {fmt} needs a split: one of {', '.join(RAFDB_SPLITS if fmt == 'rafdb' else FER2013_USAGES)}")
-    if fmt == "rafdb":
-        return load_rafdb(source, split, image_size, classes, use_cache, skip_classes)
-    if source.is_dir():
-        raise DatasetError(f"--data-format {fmt} reads fer2013.csv, but {source} is a folder")
-    if fmt == "fer2013-csv":
-        return load_fer2013_csv(source, split, image_size, classes, skip_classes)
-    return load_ferplus(source, Path(ferplus_csv).expanduser(), split, image_size, classes, skip_classes)
-
-
-@dataclass(frozen=True)
-class LoadedSplit:
-    dataset: ImageDataset
-    data_format: str
-    split: str | None
-
-
-def load_split_from_args(
-    args: argparse.Namespace,
-    source: str | Path,
-    split: str | None,
-    image_size: int,
-    classes: Sequence[str] = FER_CLASSES,
-    default_split: int = 1,
-) -> LoadedSplit:
-    """:func:`load_split` with the options :func:`add_dataset_arguments` put on ``args`` (and ``--no-cache``).
-    A ``split`` of None means ``source`` itself for an ImageFolder, else the format's train
-    (``default_split=0``) or val (1) split from ``SPLITS``."""
-    fmt = resolve_format(source, args.data_format, args.ferplus_csv)
-    if split is None and fmt != "imagefolder":
-        split = SPLITS[fmt][default_split]
-    dataset = load_split(
-        source,
-        split,
-        fmt=fmt,
-        image_size=image_size,
-        classes=classes,
-        use_cache=not args.no_cache,
-        ferplus_csv=args.ferplus_csv,
-        label_scheme=args.label_scheme,
-        skip_classes=args.skip_classes,
-    )
-    return LoadedSplit(dataset, fmt, split)
-
-
-def _class_list(value: str) -> list[str]:
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``, refused with the value named."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
-        return value
-
-    return parse
-
-
-def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--threads`` and ``--no-cache``, shared by the model commands that read a labelled split."""
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
-    parser.add_argument("--no-cache", action="store_true", help="do not use the decoded-array cache")
-
-
-def apply_threads(args: argparse.Namespace) -> None:
-    """``--threads``: torch's intra-op threads; 0 leaves torch's default (all cores)."""
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-
-def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    """The dataset-selection options of ``ferstream train`` and ``ferstream eval`` (see :func:`load_split`)."""
-    parser.add_argument(
-        "--data-format",
-        default="auto",
-        choices=DATA_FORMATS,
-        help="auto: a .csv file is fer2013.csv (ferplus with --ferplus-csv), a folder with EmoLabel/ is RAF-DB, else an ImageFolder tree",
-    )
-    parser.add_argument("--ferplus-csv", default=None, help="FER+ fer2013new.csv: relabel the fer2013.csv rows by FER+ majority vote")
-    parser.add_argument(
-        "--label-scheme",
-        default="names",
-        choices=("names", *LABEL_SCHEMES),
-        help="ImageFolder class folders: names (angry/, happiness/...), rafdb digits (1-7) or affectnet digits (0-7)",
-    )
-    parser.add_argument(
-        "--skip-classes",
-        type=_class_list,
-        default=[],
-        metavar="NAMES",
-        help="comma-separated classes outside the model's to leave out (e.g. contempt); without it they are an error",
-    )

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from pipeline.checkpoint import CheckpointError, ModelMetadata, load_checkpoint
 from pipeline.training import train as trainer
+from pipeline.training.loop import TrainingObjective
 
 __all__ = ["DistillationObjective", "distillation_loss", "get_args_parser", "main"]
 
@@ -51,7 +52,7 @@ def distillation_loss(
     return alpha * soft + (1.0 - alpha) * hard
 
 
-class DistillationObjective(trainer.TrainingObjective):
+class DistillationObjective(TrainingObjective):
     """The teacher, loaded once, and the loss above."""
 
     def __init__(self, teacher_path: str | Path, alpha: float, temperature: float) -> None:

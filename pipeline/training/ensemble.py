@@ -26,8 +26,10 @@ import numpy as np
 
 from pipeline.architectures import ProbabilityEnsemble, count_parameters
 from pipeline.checkpoint import CheckpointError, ModelMetadata, load_checkpoint, save_checkpoint
-from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, load_split_from_args
+from pipeline.training.data import DatasetError
 from pipeline.training.evaluate import confusion_matrix, metrics_from_confusion, predict_probabilities
+from pipeline.training.options import add_compute_arguments, apply_threads
+from pipeline.training.splits import add_dataset_arguments, load_split_from_args
 
 __all__ = ["SCORES", "build_ensemble", "greedy_selection", "main", "mixed_probabilities", "negative_log_likelihood"]
 

@@ -40,8 +40,10 @@ from pipeline.classification import crop_faces, crop_margin
 from pipeline.config import ConfigError
 from pipeline.detection import FaceDetection, FaceDetector, detect_frames
 from pipeline.training.calibrate_margin import DetectorRun, evenly_spaced
-from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, int_at_least
+from pipeline.training.data import DatasetError
 from pipeline.training.evaluate import predict_probabilities
+from pipeline.training.options import add_compute_arguments, apply_threads, int_at_least
+from pipeline.training.splits import add_dataset_arguments
 
 __all__ = [
     "DEFAULT_BITRATES",

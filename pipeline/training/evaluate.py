@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError, ModelMetadata, default_checkpoint_path, load_checkpoint, preprocess_crops
-from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, load_split_from_args
+from pipeline.training.data import DatasetError
+from pipeline.training.options import add_compute_arguments, apply_threads
+from pipeline.training.splits import add_dataset_arguments, load_split_from_args
 
 __all__ = [
     "ECE_BINS",

@@ -30,8 +30,10 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.training.data import DatasetError, add_compute_arguments, add_dataset_arguments, apply_threads, load_split_from_args
+from pipeline.training.data import DatasetError
 from pipeline.training.evaluate import confusion_matrix, metrics_from_confusion, predict_probabilities
+from pipeline.training.options import add_compute_arguments, apply_threads
+from pipeline.training.splits import add_dataset_arguments, load_split_from_args
 
 __all__ = ["adjusted_metrics", "choose_tau", "final_linear", "fold_adjustment", "log_priors", "main", "sweep"]
 

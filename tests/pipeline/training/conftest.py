@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.architectures import build_model
 from pipeline.checkpoint import ModelMetadata, save_checkpoint
-from pipeline.training.data import FER2013_CSV_CODES, FER_CLASSES
+from pipeline.training.data import FER2013_CSV_CODES, FER_CLASSES, LABEL_SCHEMES
 
 
 def class_image(label: int, rng: np.random.Generator, size: int = 48) -> np.ndarray:
@@ -74,3 +74,35 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
     path = tmp_path / "model" / "tiny.pt"
     save_checkpoint(path, build_model("tiny", 7), meta)
     return path
+
+
+# RAF-DB's basic label codes, as its README lists them (independent of LABEL_SCHEMES on purpose).
+RAFDB_CODES = {"surprise": "1", "fear": "2", "disgust": "3", "happy": "4", "sad": "5", "angry": "6", "neutral": "7"}
+
+
+def write_rafdb(root: Path, items: list[tuple[str, str]], aligned: bool = True) -> Path:
+    """RAF-DB basic layout: EmoLabel/list_patition_label.txt + 100x100 RGB faces, items = (image name, class)."""
+    rng = np.random.default_rng(0)
+    images = root / "Image" / ("aligned" if aligned else "original")
+    images.mkdir(parents=True)
+    (root / "EmoLabel").mkdir()
+    for name, cls in items:
+        file = f"{Path(name).stem}_aligned.jpg" if aligned else name
+        face = Image.fromarray(class_image(FER_CLASSES.index(cls), rng, size=100)).convert("RGB")
+        face.save(images / file)
+    (root / "EmoLabel" / "list_patition_label.txt").write_text("".join(f"{name} {RAFDB_CODES[cls]}\n" for name, cls in items))
+    return root
+
+
+def scheme_folders(scheme: str) -> dict[str, str]:
+    """Canonical class name -> that scheme's digit folder."""
+    return {name: code for code, name in LABEL_SCHEMES[scheme].items() if name in FER_CLASSES}
+
+
+RAFDB_ITEMS = [
+    ("train_00001.jpg", "surprise"),
+    ("train_00002.jpg", "neutral"),
+    ("train_00003.jpg", "happy"),
+    ("test_0001.jpg", "angry"),
+    ("test_0002.jpg", "fear"),
+]

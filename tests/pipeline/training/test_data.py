@@ -1,6 +1,4 @@
-import argparse
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,9 +6,7 @@ from PIL import Image
 
 from pipeline.training.data import (
     FER_CLASSES,
-    LABEL_SCHEMES,
     DatasetError,
-    add_dataset_arguments,
     cache_dir,
     canonical_class,
     ferplus_majority_label,
@@ -18,10 +14,8 @@ from pipeline.training.data import (
     load_ferplus,
     load_image_folder,
     load_rafdb,
-    load_split,
-    resolve_format,
 )
-from tests.pipeline.training.conftest import class_image, pattern_csv, write_dataset, write_fer2013_csv
+from tests.pipeline.training.conftest import RAFDB_ITEMS, pattern_csv, scheme_folders, write_dataset, write_fer2013_csv, write_rafdb
 
 
 def test_loads_tree_in_canonical_order(tmp_path):
@@ -188,11 +182,6 @@ def test_csv_rows_are_resized_like_image_files(tmp_path):
 # --------------------------------------------------------------------------- digit folders (Kaggle RAF-DB / AffectNet exports)
 
 
-def scheme_folders(scheme: str) -> dict[str, str]:
-    """Canonical class name -> that scheme's digit folder."""
-    return {name: code for code, name in LABEL_SCHEMES[scheme].items() if name in FER_CLASSES}
-
-
 def test_rafdb_digit_folders_map_to_canonical_order(tmp_path):
     root = write_dataset(tmp_path / "train", per_class=2, folder_names=scheme_folders("rafdb"))
     assert sorted(p.name for p in root.iterdir()) == ["1", "2", "3", "4", "5", "6", "7"]
@@ -238,33 +227,6 @@ def test_digit_folders_without_a_scheme_name_the_folder_and_the_schemes(tmp_path
 # --------------------------------------------------------------------------- RAF-DB basic release
 
 
-# RAF-DB's basic label codes, as its README lists them (independent of LABEL_SCHEMES on purpose).
-RAFDB_CODES = {"surprise": "1", "fear": "2", "disgust": "3", "happy": "4", "sad": "5", "angry": "6", "neutral": "7"}
-
-
-def write_rafdb(root: Path, items: list[tuple[str, str]], aligned: bool = True) -> Path:
-    """RAF-DB basic layout: EmoLabel/list_patition_label.txt + 100x100 RGB faces, items = (image name, class)."""
-    rng = np.random.default_rng(0)
-    images = root / "Image" / ("aligned" if aligned else "original")
-    images.mkdir(parents=True)
-    (root / "EmoLabel").mkdir()
-    for name, cls in items:
-        file = f"{Path(name).stem}_aligned.jpg" if aligned else name
-        face = Image.fromarray(class_image(FER_CLASSES.index(cls), rng, size=100)).convert("RGB")
-        face.save(images / file)
-    (root / "EmoLabel" / "list_patition_label.txt").write_text("".join(f"{name} {RAFDB_CODES[cls]}\n" for name, cls in items))
-    return root
-
-
-RAFDB_ITEMS = [
-    ("train_00001.jpg", "surprise"),
-    ("train_00002.jpg", "neutral"),
-    ("train_00003.jpg", "happy"),
-    ("test_0001.jpg", "angry"),
-    ("test_0002.jpg", "fear"),
-]
-
-
 @pytest.mark.parametrize("aligned", [True, False])
 def test_rafdb_basic_layout(tmp_path, aligned):
     root = write_rafdb(tmp_path / "basic", RAFDB_ITEMS, aligned=aligned)
@@ -300,58 +262,3 @@ def test_rafdb_errors_name_the_file_and_line(tmp_path):
     list_file.write_text("test_0001.jpg 6\n")
     with pytest.raises(DatasetError, match=r"cannot decode image .*test_0001_aligned.jpg"):
         load_rafdb(root, "test", use_cache=False)
-
-
-# --------------------------------------------------------------------------- one selection for train and eval
-
-
-def test_auto_format_detection(tmp_path):
-    csv_path = pattern_csv(tmp_path / "fer2013.csv", {"Training": 1})
-    rafdb = write_rafdb(tmp_path / "basic", RAFDB_ITEMS)
-    folder = write_dataset(tmp_path / "fer", per_class=1)
-    assert resolve_format(csv_path) == "fer2013-csv"
-    assert resolve_format(csv_path, ferplus_csv=tmp_path / "fer2013new.csv") == "ferplus"
-    assert resolve_format(rafdb) == "rafdb"
-    assert resolve_format(folder) == "imagefolder"
-    assert resolve_format(tmp_path / "missing") == "imagefolder"  # and load_image_folder then says it does not exist
-    assert resolve_format(rafdb, "imagefolder") == "imagefolder"
-    with pytest.raises(DatasetError, match="--data-format ferplus needs --ferplus-csv"):
-        resolve_format(csv_path, "ferplus")
-    with pytest.raises(DatasetError, match="does not apply to --data-format imagefolder"):
-        resolve_format(folder, ferplus_csv=tmp_path / "fer2013new.csv")
-    with pytest.raises(DatasetError, match="unknown data format 'parquet'"):
-        resolve_format(folder, "parquet")
-
-
-def test_load_split_reads_every_layout(tmp_path):
-    csv_path = pattern_csv(tmp_path / "fer2013.csv", {"Training": 3, "PublicTest": 2, "PrivateTest": 1})
-    assert len(load_split(csv_path, "PublicTest")) == 14
-    assert len(load_split(csv_path, "PrivateTest", fmt="fer2013-csv")) == 7
-    header = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF"
-    usages = ["Training"] * 21 + ["PublicTest"] * 14 + ["PrivateTest"] * 7
-    plus = tmp_path / "fer2013new.csv"
-    plus.write_text("\n".join([header, *(f"{u},x.png,0,10,0,0,0,0,0,0,0,0" for u in usages)]) + "\n")
-    relabelled = load_split(csv_path, "PublicTest", ferplus_csv=plus)
-    assert len(relabelled) == 14 and set(relabelled.labels.tolist()) == {FER_CLASSES.index("happy")}
-    rafdb = write_rafdb(tmp_path / "basic", RAFDB_ITEMS)
-    assert len(load_split(rafdb, "test")) == 2
-    folder = write_dataset(tmp_path / "fer" / "val", per_class=1, folder_names=scheme_folders("affectnet"))
-    assert len(load_split(tmp_path / "fer", "val", label_scheme="affectnet")) == 7
-    assert len(load_split(folder, None, label_scheme="affectnet")) == 7
-    with pytest.raises(DatasetError, match="needs a split: one of Training, PublicTest, PrivateTest"):
-        load_split(csv_path, None)
-    with pytest.raises(DatasetError, match="--label-scheme affectnet applies to ImageFolder"):
-        load_split(csv_path, "Training", label_scheme="affectnet")
-    with pytest.raises(DatasetError, match="reads fer2013.csv, but .* is a folder"):
-        load_split(folder, "Training", fmt="fer2013-csv")
-    with pytest.raises(DatasetError, match="CSV file .*nope.csv does not exist"):
-        load_split(tmp_path / "nope.csv", "Training")
-
-
-def test_cli_dataset_options():
-    parser = argparse.ArgumentParser()
-    add_dataset_arguments(parser)
-    args = parser.parse_args([])
-    assert (args.data_format, args.ferplus_csv, args.label_scheme, args.skip_classes) == ("auto", None, "names", [])
-    args = parser.parse_args(["--data-format", "rafdb", "--label-scheme", "affectnet", "--skip-classes", "contempt, unknown"])
-    assert args.skip_classes == ["contempt", "unknown"]
