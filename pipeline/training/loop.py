@@ -27,7 +27,9 @@ __all__ = [
     "CrossEntropyObjective",
     "TrainingLoop",
     "TrainingObjective",
+    "CosineSchedule",
     "class_weights_for",
+    "epochs_within_budget",
     "epoch_order",
     "epoch_seed",
     "evaluate",
@@ -41,19 +43,41 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+class CosineSchedule:
+    """LambdaLR factor: linear warmup, then cosine decay to ``min_ratio`` at ``total_steps``.
+
+    An object, not a closure, because LambdaLR's state_dict then keeps ``total_steps``: a time
+    budget (``--time-budget``) changes it during the run, and a resume must continue that schedule.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
     warmup = max(0, int(round(args.lr_warmup_epochs * steps_per_epoch)))
     if args.lr_scheduler == "cosine":
-        total = max(1, args.epochs * steps_per_epoch)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return args.lr_min_ratio + (1.0 - args.lr_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        schedule = CosineSchedule(warmup, max(1, args.epochs * steps_per_epoch), args.lr_min_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.plateau_factor, patience=args.plateau_patience)
+
+
+def epochs_within_budget(done: int, wanted: int, epoch_times_s: list[float], remaining_s: float) -> int:
+    """How many epochs in all a run can plan: ``done`` plus those that fit ``remaining_s`` at the
+    median of the last three epoch times, at most ``wanted`` and never fewer than ``done``."""
+    if not epoch_times_s:
+        return wanted
+    recent = sorted(epoch_times_s[-3:])
+    per_epoch = max(recent[len(recent) // 2], 1e-6)
+    return max(done, min(wanted, done + int(max(0.0, remaining_s) // per_epoch)))
 
 
 def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -154,6 +178,12 @@ class TrainingLoop:
     class_weights: Tensor | None
     device: torch.device
     memory_format: torch.memory_format
+
+    def plan_epochs(self, epochs: int) -> None:
+        """End the cosine schedule at ``epochs`` (a time budget's plan); the plateau schedule has no end."""
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            schedule = self.scheduler.lr_lambdas[0]
+            schedule.total_steps = max(1, epochs * self.steps_per_epoch)
 
     def train_one_epoch(self, epoch: int) -> tuple[float, float]:
         """Mean training loss and accuracy (on the augmented batches) of epoch ``epoch`` (0-based)."""

@@ -33,6 +33,7 @@ METRIC_FIELDS = (
     "epoch_time_s",
     "wall_time_s",
     "best",
+    "planned_epochs",
 )
 
 # Changed between a run and its resume, these get a warning. A state saved before an option existed holds its default.

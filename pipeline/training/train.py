@@ -46,6 +46,7 @@ from pipeline.training.loop import (
     TrainingLoop,
     TrainingObjective,
     class_weights_for,
+    epochs_within_budget,
     evaluate,
     make_optimizer,
     make_scheduler,
@@ -123,6 +124,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--class-balance", default="none", choices=("none", "weighted-loss", "sampler"))
     parser.add_argument(
         "--select-metric", default="accuracy", choices=("accuracy", "macro_f1"), help="val metric for best.pt and early stopping"
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="fit the run into this many seconds of training: after each epoch the cosine schedule is shortened to the "
+        "epochs that still fit (at the recent epoch time), at most --epochs; 0 = no budget. A resume gets the budget anew",
     )
     parser.add_argument("--patience", type=int, default=0, help="stop after this many epochs without improvement (0 = never)")
     parser.add_argument("--min-delta", type=float, default=0.0, help="improvement smaller than this does not count")
@@ -242,6 +251,7 @@ class RunProgress:
     bad_epochs: int = 0
     wall_time_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    planned_epochs: int = 0  # where the schedule ends (--time-budget may shorten it); 0: --epochs
 
 
 def _save_state(path: Path, args: argparse.Namespace, loop: TrainingLoop, progress: RunProgress) -> None:
@@ -259,6 +269,7 @@ def _save_state(path: Path, args: argparse.Namespace, loop: TrainingLoop, progre
         "bad_epochs": progress.bad_epochs,
         "wall_time_s": progress.wall_time_s,
         "history": progress.history,
+        "planned_epochs": progress.planned_epochs,
     }
     atomic_torch_save(state, path)
 
@@ -288,6 +299,7 @@ def _restore_state(path: Path, args: argparse.Namespace, loop: TrainingLoop) -> 
         bad_epochs=state["bad_epochs"],
         wall_time_s=state["wall_time_s"],
         history=state["history"],
+        planned_epochs=state.get("planned_epochs", 0),
     )
     best = f"best {args.select_metric} {progress.best_score:.4f} at epoch {progress.best_epoch}"
     print(f"resumed from {path} at epoch {progress.next_epoch} ({best})", flush=True)
@@ -379,9 +391,14 @@ def train(
     )
     stopped_early = False
     epochs_run = 0
+    deadline = time.monotonic() + args.time_budget if args.time_budget > 0 else None
+    planned_epochs = progress.planned_epochs or args.epochs
+    iteration_times: list[float] = []  # whole epochs with their evaluation and files, as the budget sees them
     for epoch in range(progress.next_epoch, args.epochs):
         if args.patience > 0 and progress.bad_epochs >= args.patience:
             stopped_early = True
+            break
+        if epoch >= planned_epochs:
             break
         epoch_start = time.perf_counter()
         train_loss, train_accuracy = loop.train_one_epoch(epoch)
@@ -404,6 +421,15 @@ def train(
             "wall_time_s": round(progress.wall_time_s, 2),
             "best": improved,
         }
+        if deadline is not None:
+            # Whole earlier epochs (with their files) where there are some, else this one so far.
+            per_epoch = iteration_times or [time.perf_counter() - epoch_start]
+            planned = epochs_within_budget(epoch + 1, args.epochs, per_epoch, deadline - time.monotonic())
+            if planned != planned_epochs:
+                print(f"time budget: {planned} epochs in all (was {planned_epochs})", flush=True)
+                planned_epochs = progress.planned_epochs = planned
+                loop.plan_epochs(planned)
+        row["planned_epochs"] = planned_epochs
         progress.history.append(row)
         progress.next_epoch = epoch + 1
         if improved:
@@ -416,13 +442,15 @@ def train(
         _save_state(output_dir / "last.pt", args, loop, progress)
         _write_run_files(output_dir, progress.history)
         print(
-            f"epoch {epoch + 1}/{args.epochs} lr={row['lr']:.5f} train_loss={row['train_loss']:.4f} train_acc={row['train_accuracy']:.4f} "
+            f"epoch {epoch + 1}/{planned_epochs} lr={row['lr']:.5f} train_loss={row['train_loss']:.4f} "
+            f"train_acc={row['train_accuracy']:.4f} "
             f"val_loss={val_loss:.4f} val_acc={row['val_accuracy']:.4f} val_macro_f1={row['val_macro_f1']:.4f} "
             f"time={epoch_time:.1f}s{' *best*' if improved else ''}",
             flush=True,
         )
         if on_epoch_end is not None:
             on_epoch_end(row)
+        iteration_times.append(time.perf_counter() - epoch_start)
         epochs_run += 1
         if args.stop_after and epochs_run >= args.stop_after:
             return {"interrupted": True, "epoch": epoch + 1}
@@ -431,6 +459,7 @@ def train(
         f"best_val_{args.select_metric}": progress.best_score,
         "epochs_run": len(progress.history),
         "stopped_early": stopped_early,
+        "planned_epochs": planned_epochs,
         "wall_time_s": round(progress.wall_time_s, 1),
         "best_checkpoint": str(output_dir / "best.pt"),
     }

@@ -45,8 +45,8 @@ def test_the_portfolio_recipe_is_the_shipped_models_command_line() -> None:
 
 def test_portfolio_points_follow_the_run_options() -> None:
     low = PRESETS["low_resource"]
-    assert _portfolio_points(low, "sgd") == [COMPACT_RECIPE | {"epochs": 34}]
-    assert max(low.epochs) == 34  # ASHA's max_t: the recipe runs its whole schedule
+    assert _portfolio_points(low, "sgd") == [COMPACT_RECIPE | {"epochs": 40}]
+    assert max(low.epochs) == 40  # ASHA's max_t: the recipe runs its whole schedule
     shorter = SearchPreset(**{**vars(low), "epochs": (1,)})
     assert _portfolio_points(shorter, "sgd") == [COMPACT_RECIPE | {"epochs": 1}]
     assert _portfolio_points(SearchPreset(**{**vars(low), "archs": ("tiny",)}), "sgd") == []

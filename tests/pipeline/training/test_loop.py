@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.training.loop import epoch_order, evaluate, make_scheduler
+from pipeline.training.loop import epoch_order, epochs_within_budget, evaluate, make_scheduler
 
 
 def _args(**overrides: object) -> argparse.Namespace:
@@ -49,3 +49,28 @@ def test_evaluate_scores_a_model_that_knows_the_answer() -> None:
     assert metrics["accuracy"] == pytest.approx(0.8)
     assert metrics["confusion_matrix"] == [[3, 1], [0, 1]]
     assert loss > 0
+
+
+def test_a_shortened_schedule_survives_the_state_dict() -> None:
+    def scheduler() -> torch.optim.lr_scheduler.LambdaLR:
+        return make_scheduler(_args(epochs=100), torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), steps_per_epoch=10)
+
+    first = scheduler()
+    first.lr_lambdas[0].total_steps = 200
+    second = scheduler()
+    second.load_state_dict(first.state_dict())
+    assert second.lr_lambdas[0].total_steps == 200
+
+
+@pytest.mark.parametrize(
+    ("done", "times", "remaining", "expected"),
+    [
+        (1, [10.0], 35.0, 4),  # 3 more fit
+        (3, [30.0, 10.0, 11.0], 35.0, 6),  # the median of the last three, not the slow first epoch
+        (5, [10.0], 5.0, 5),  # none fit: stop now, never below what is done
+        (5, [10.0], 1e6, 40),  # at most what was asked
+        (2, [], 10.0, 40),  # nothing measured yet
+    ],
+)
+def test_epochs_within_budget(done: int, times: list[float], remaining: float, expected: int) -> None:
+    assert epochs_within_budget(done, 40, times, remaining) == expected

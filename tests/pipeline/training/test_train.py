@@ -155,3 +155,18 @@ def test_epoch_hook_sees_every_row_once_its_last_pt_is_written(tiny_data, tmp_pa
     train(args, train_set, val_set, out, on_epoch_end=hook)
     assert seen == [(1, 1), (2, 2)]
     assert [row["epoch"] for row in history(out)] == [1, 2]
+
+
+def test_a_time_budget_shortens_the_schedule_to_the_epochs_that_fit(tiny_data, tmp_path):
+    out = tmp_path / "budget"
+    assert run(tiny_data, out, "--epochs", "400", "--time-budget", "3", "--lr", "0.05") == 0
+    rows = history(out)
+    summary = json.loads((out / "summary.json").read_text())
+    planned = summary["planned_epochs"]
+    assert 1 <= planned < 400 and len(rows) == planned == rows[-1]["planned_epochs"]
+    assert sum(r["epoch_time_s"] for r in rows) < 3 + 2 * max(r["epoch_time_s"] for r in rows)
+    state = torch.load(out / "last.pt", weights_only=False)
+    # the cosine schedule was re-aimed at the planned end (tiny_data: 5 steps per epoch), and a resume continues it
+    assert state["planned_epochs"] == planned and state["scheduler"]["lr_lambdas"][0]["total_steps"] == planned * 5
+    assert run(tiny_data, out, "--epochs", "400", "--resume", "auto") == 0
+    assert len(history(out)) == planned  # no budget this time: the saved plan stands
