@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ if str(REPO_ROOT) not in sys.path:
 from pipeline.local_servers import RedisServer, free_port, wait_for_port, wait_until  # noqa: E402,F401 - re-exported
 
 DEFAULT_CLIP = "head-pose-face-detection-female-and-male"
+# Clip sets a benchmark can run at: as shared, or re-encoded upscaled to 1080p (what real cameras send).
+RESOLUTIONS: dict[str, tuple[int, int] | None] = {"native": None, "1080p": (1920, 1080)}
 
 
 # -- shared material ------------------------------------------------------------------------------
@@ -74,6 +77,32 @@ def decode_clip(path: Path) -> tuple[ClipInfo, list[Any]]:
         images = [frame.to_ndarray(format="bgr24") for frame in container.decode(stream)]
     height, width = images[0].shape[:2]
     return ClipInfo(path=path, fps=float(rate) if rate else 0.0, frames=len(images), width=width, height=height), images
+
+
+def reencode_clip(source: Path, target: Path, size: tuple[int, int] | None, max_frames: int | None) -> Path:
+    """``source`` re-encoded with libx264 (CRF 18) at the same frame rate, scaled (bicubic) to ``size``
+    (width, height) if given, keeping only its first ``max_frames`` frames if given."""
+    import av
+
+    with av.open(str(source)) as reader, av.open(str(target), "w") as writer:
+        video = reader.streams.video[0]
+        rate = Fraction(video.average_rate or video.guessed_rate or 25)
+        width, height = size or (video.codec_context.width, video.codec_context.height)
+        stream = writer.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "18", "preset": "medium"}
+        written = 0
+        for frame in reader.decode(video):
+            if max_frames is not None and written >= max_frames:
+                break
+            scaled = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BICUBIC")
+            scaled.pts, scaled.time_base = written, 1 / rate
+            for packet in stream.encode(scaled):
+                writer.mux(packet)
+            written += 1
+        for packet in stream.encode(None):
+            writer.mux(packet)
+    return target
 
 
 # -- what was measured, where ---------------------------------------------------------------------

@@ -70,7 +70,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +110,6 @@ PEER_WORKER = Path(__file__).with_name("fer_peer_worker.py")
 DEFAULT_VENV = Path("~/.cache/ferstream/peer-venv")
 STAMP_NAME = "ferstream-peer-requirements.txt"
 
-RESOLUTIONS: dict[str, tuple[int, int] | None] = {"native": None, "1080p": (1920, 1080)}
-
-
 # -- the peer's venv ------------------------------------------------------------------------------
 
 
@@ -146,32 +142,6 @@ def ensure_peer_venv(venv: Path) -> Path:
 # -- clips ----------------------------------------------------------------------------------------
 
 
-def reencode_clip(source: Path, target: Path, size: tuple[int, int] | None, max_frames: int | None) -> Path:
-    """``source`` re-encoded with libx264 (CRF 18) at the same frame rate, scaled (bicubic) to ``size``
-    (width, height) if given, keeping only its first ``max_frames`` frames if given."""
-    import av
-
-    with av.open(str(source)) as reader, av.open(str(target), "w") as writer:
-        video = reader.streams.video[0]
-        rate = Fraction(video.average_rate or video.guessed_rate or 25)
-        width, height = size or (video.codec_context.width, video.codec_context.height)
-        stream = writer.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "18", "preset": "medium"}
-        written = 0
-        for frame in reader.decode(video):
-            if max_frames is not None and written >= max_frames:
-                break
-            scaled = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BICUBIC")
-            scaled.pts, scaled.time_base = written, 1 / rate
-            for packet in stream.encode(scaled):
-                writer.mux(packet)
-            written += 1
-        for packet in stream.encode(None):
-            writer.mux(packet)
-    return target
-
-
 @dataclass(frozen=True)
 class PreparedClip:
     name: str
@@ -187,7 +157,7 @@ def prepare_clips(clips: dict[str, Path], work: Path, size: tuple[int, int] | No
         path = source
         if size is not None or max_frames is not None:
             suffix = f"{size[0]}x{size[1]}" if size else "native"
-            path = reencode_clip(source, work / f"{name}-{suffix}.mp4", size, max_frames)
+            path = common.reencode_clip(source, work / f"{name}-{suffix}.mp4", size, max_frames)
         info, images = common.decode_clip(path)
         frames_npy = work / f"{path.stem}.npy"
         np.save(frames_npy, np.stack(images))
@@ -346,7 +316,7 @@ def apply_cpus(cpus: set[int]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resolution", nargs="+", choices=sorted(RESOLUTIONS), default=["native"], help="clip sets, in order")
+    parser.add_argument("--resolution", nargs="+", choices=sorted(common.RESOLUTIONS), default=["native"], help="clip sets, in order")
     parser.add_argument("--seconds", type=float, default=60.0, help="measured window of each run (the peer: whole passes, at least one)")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of warm-up before each measured window")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating (best is reported)")
@@ -396,7 +366,7 @@ def main() -> int:
         result["settings"]["ferstream_detector"] = config.detector.model_dump(mode="json")
         exclude = {redis_server.pid} if redis_server.pid is not None else set()
         for resolution in args.resolution:
-            prepared = prepare_clips(clips, work, RESOLUTIONS[resolution], args.frames)
+            prepared = prepare_clips(clips, work, common.RESOLUTIONS[resolution], args.frames)
             label = clip_set_label(prepared)
             print(f"{label}: {args.repeats} runs of each side, alternating ...", flush=True)
             runs = []

@@ -4,6 +4,7 @@ machine, and where the time of a frame goes.
 Usage:
     python benchmarks/pipeline_throughput.py [--clip NAME|PATH] [--seconds 60] [--warmup 10]
         [--set detector.detection_size=N ...] [--cameras 1] [--threads N] [--config configs/pipeline.yaml] [--json OUT]
+        [--clips NAME,NAME] [--realtime]
 
 What runs: the real ``StreamPipeline`` (``pipeline/runner.py``) with real MTCNN, the shipped
 expression checkpoint (``classifier.checkpoint`` of the config; null = the default model) and a
@@ -11,6 +12,12 @@ real ``redis-server`` that this script starts on a free loopback port. Each came
 read with ``realtime: false`` (decode only as fast as frames are taken; nothing is dropped),
 ``target_fps: null`` and ``loop: true``, so the pipeline is never starved and never throttled:
 the result is its saturated throughput.
+
+``--realtime`` instead runs the cameras as ``benchmarks/serve_cameras.py`` does: each clip paced at
+its own frame rate (``realtime: true``, ``target_fps`` = the clip's fps), the freshest frame taken
+and the rest dropped as stale. With ``--clips`` the cameras alternate between those clips (as
+``serve_cameras.py`` does with all shared clips), so the two scripts measure the same cameras, in
+one process and under Serve.
 
 After ``--warmup`` seconds the metrics are snapshotted, the pipeline runs ``--seconds`` more,
 and the report is the difference: frames/s (``frames_processed``), faces/s, events/s, and per
@@ -106,6 +113,11 @@ def build_pipeline(config: PipelineConfig) -> tuple[StreamPipeline, PipelineMetr
 def unpaced_source(camera_id: str, clip: Path, loop: bool = True) -> SourceConfig:
     """A clip as a camera that is never starved and never throttled: every frame, no pacing, nothing dropped."""
     return SourceConfig(camera_id=camera_id, url=str(clip), realtime=False, target_fps=None, loop=loop)
+
+
+def realtime_source(camera_id: str, clip: common.ClipInfo) -> SourceConfig:
+    """A clip as a live camera, as the Serve benchmark adds it: paced at the clip's frame rate, looping."""
+    return SourceConfig(camera_id=camera_id, url=str(clip.path), realtime=True, target_fps=clip.fps, loop=True)
 
 
 @dataclass(frozen=True)
@@ -222,9 +234,12 @@ def report_markdown(result: dict[str, Any]) -> str:
             ]
         )
     settings = result["settings"]
+    clip_names = ", ".join(f"`{clip['name']}`" for clip in settings.get("clips", [settings["clip"]]))
+    pacing = " paced in real time" if settings["source"]["realtime"] else ""
     head = (
-        f"clip `{settings['clip']['name']}` ({settings['clip']['width']}x{settings['clip']['height']}), "
-        f"{settings['cameras']} camera(s), detection_size {settings['detection_size']}, {settings['torch_threads']} torch thread(s), "
+        f"clip(s) {clip_names} ({settings['clip']['width']}x{settings['clip']['height']}), "
+        f"{settings['cameras']} camera(s){pacing}, detection_size {settings['detection_size']}, "
+        f"{settings['torch_threads']} torch thread(s), "
         f"{summary['wall_s']:.1f} s measured after {settings['warmup_s']:g} s warm-up\n\n"
         f"**{summary['frames_per_s']:.2f} frames/s**, {summary['faces_per_s']:.2f} faces/s "
         f"({summary['faces_per_frame']} faces/frame), {summary['events_per_s']:.2f} events/s, "
@@ -242,6 +257,8 @@ def report_markdown(result: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clip", default=common.DEFAULT_CLIP, help="shared clip name (stem) or a video path")
+    parser.add_argument("--clips", default=None, help="comma-separated clips the cameras alternate between (instead of --clip)")
+    parser.add_argument("--realtime", action="store_true", help="cameras paced at their clip's frame rate, as serve_cameras.py runs them")
     parser.add_argument("--seconds", type=float, default=60.0, help="measured window after the warm-up")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds run before measuring")
     parser.add_argument("--cameras", type=int, default=1, help="copies of the clip processed together (batched)")
@@ -254,8 +271,9 @@ def main() -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    clip = common.resolve_clip(args.clip)
-    clip_info, _frames = common.decode_clip(clip)
+    clip_paths = [common.resolve_clip(name) for name in (args.clips.split(",") if args.clips else [args.clip])]
+    clips = [common.decode_clip(path)[0] for path in clip_paths]
+    clip_info = clips[0]
     result: dict[str, Any] = {
         "benchmark": "pipeline_throughput",
         "date_utc": common.utc_now(),
@@ -270,6 +288,7 @@ def main() -> int:
         result["model"] = common.model_description(config.classifier.checkpoint)
         result["settings"] = {
             "clip": clip_info.to_dict(),
+            "clips": [clip.to_dict() for clip in clips],
             "cameras": args.cameras,
             "torch_threads": torch.get_num_threads(),
             "detection_size": config.detector.detection_size,
@@ -278,13 +297,14 @@ def main() -> int:
             "events_policy": config.events.policy,
             "warmup_s": args.warmup,
             "seconds": args.seconds,
-            "source": {"realtime": False, "target_fps": None, "loop": True},
+            "source": {"realtime": args.realtime, "target_fps": "the clip's fps" if args.realtime else None, "loop": True},
         }
         pipeline, metrics = build_pipeline(config)
         camera_ids = [f"bench{index}" for index in range(args.cameras)]
         try:
-            for camera_id in camera_ids:
-                pipeline.add_camera(unpaced_source(camera_id, clip))
+            for index, camera_id in enumerate(camera_ids):
+                clip = clips[index % len(clips)]
+                pipeline.add_camera(realtime_source(camera_id, clip) if args.realtime else unpaced_source(camera_id, clip.path))
             window = measure_window(pipeline, metrics, camera_ids, args.warmup, args.seconds)
             exclude = {redis_server.pid} if redis_server.pid is not None else set()
             result["other_processes_cpu_during_window"] = common.other_processes_cpu(
