@@ -26,7 +26,6 @@ Ray is imported inside the functions that use it: ``pipeline`` stays importable 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -34,7 +33,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ import torch
 
 from pipeline.architectures import ARCHITECTURES
 from pipeline.entry import INTERRUPTED
+from pipeline.training.leaderboard import leaderboard_rows, write_leaderboard
 from pipeline.training.options import int_at_least
 
 __all__ = [
@@ -50,27 +49,11 @@ __all__ = [
     "SearchPreset",
     "apply_trial_config",
     "get_args_parser",
-    "leaderboard_rows",
     "main",
-    "measure_faces_per_s",
     "run_search",
     "search_space",
 ]
 
-LEADERBOARD_FIELDS = (
-    "rank",
-    "trial",
-    "status",
-    "arch",
-    "val_accuracy",
-    "val_macro_f1",
-    "best_epoch",
-    "epochs_run",
-    "wall_time_s",
-    "faces_per_s",
-    "checkpoint",
-    "config",
-)
 EXPERIMENT_NAME = "automl"
 TRIAL_FINISH_MARGIN_S = 60.0
 
@@ -272,75 +255,6 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], trials_dir: str, th
     train_set, val_set, _ = trainer.load_data(args)
     (output_dir / "args.json").write_text(json.dumps({**vars(args), "automl_config": config}, indent=2, default=str) + "\n")
     trainer.train(args, train_set, val_set, output_dir, on_epoch_end=report)
-
-
-def measure_faces_per_s(checkpoint: Path, batch: int = 64, repeats: int = 3, threads: int = 1) -> float:
-    """Faces per second of a checkpoint's model on one fixed batch (CPU, ``threads`` torch threads)."""
-    from pipeline.checkpoint import load_checkpoint
-
-    model, metadata = load_checkpoint(checkpoint)
-    model.eval()
-    inputs = torch.zeros(batch, 1, metadata.input_size, metadata.input_size)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            model(inputs)  # warm-up: first-call allocation and kernel selection
-            started = time.perf_counter()
-            for _ in range(repeats):
-                model(inputs)
-            elapsed = time.perf_counter() - started
-    finally:
-        torch.set_num_threads(previous)
-    return batch * repeats / elapsed
-
-
-def leaderboard_rows(trials: Sequence[dict[str, Any]], threads: int) -> list[dict[str, Any]]:
-    """Rows best first; a trial's figures are those of its best.pt (its best epoch by val top-1)."""
-    from pipeline.checkpoint import load_checkpoint
-
-    rows = []
-    for trial in trials:
-        checkpoint = Path(trial["trial_dir"]) / "best.pt"
-        row: dict[str, Any] = {
-            "trial": trial["trial_id"],
-            "status": trial["status"],
-            "arch": trial["config"].get("arch"),
-            "val_accuracy": None,
-            "val_macro_f1": None,
-            "best_epoch": None,
-            "epochs_run": trial["epochs_run"],
-            "wall_time_s": trial["wall_time_s"],
-            "faces_per_s": None,
-            "checkpoint": None,
-            "config": trial["config"],
-        }
-        if checkpoint.is_file():
-            _, metadata = load_checkpoint(checkpoint)
-            row.update(
-                val_accuracy=metadata.metrics["accuracy"],
-                val_macro_f1=metadata.metrics["macro_f1"],
-                best_epoch=metadata.metrics["epoch"],
-                faces_per_s=round(measure_faces_per_s(checkpoint, threads=threads), 1),
-                checkpoint=str(checkpoint),
-            )
-        rows.append(row)
-    rows.sort(key=lambda r: (r["val_accuracy"] is None, -(r["val_accuracy"] or 0.0), -(r["val_macro_f1"] or 0.0)))
-    for rank, row in enumerate(rows, start=1):
-        row["rank"] = rank
-    return rows
-
-
-def write_leaderboard(output_dir: Path, rows: list[dict[str, Any]], top_k: int, search: dict[str, Any]) -> dict[str, Any]:
-    best = [row["checkpoint"] for row in rows if row["checkpoint"]][:top_k]
-    with open(output_dir / "leaderboard.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LEADERBOARD_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "config": json.dumps(row["config"], sort_keys=True)})
-    report = {"search": search, "best_checkpoints": best, "trials": rows}
-    (output_dir / "leaderboard.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return report
 
 
 def _start_ray(cpus: int) -> bool:

@@ -23,17 +23,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
-import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -51,19 +47,10 @@ from pipeline.training.loop import (
     make_optimizer,
     make_scheduler,
 )
-from pipeline.training.run_files import (
-    CHECKPOINT_STATE_FORMAT,
-    RESUME_CHECKED_ARGS,
-    RESUME_CHECKED_DATA_ARGS,
-    atomic_torch_save,
-    plot_curves,
-    resolve_resume,
-    write_metrics,
-)
+from pipeline.training.run_files import RunProgress, resolve_resume, restore_state, save_state, write_run_files
 from pipeline.training.splits import SPLITS, add_dataset_arguments, load_split_from_args, resolve_format
 
 __all__ = [
-    "RunProgress",
     "data_selection",
     "execute",
     "get_args_parser",
@@ -241,71 +228,6 @@ def _build_loop(
     )
 
 
-@dataclass
-class RunProgress:
-    """Where a run stands after an epoch: what last.pt keeps besides the model, optimizer and schedule."""
-
-    next_epoch: int = 0
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    wall_time_s: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    planned_epochs: int = 0  # where the schedule ends (--time-budget may shorten it); 0: --epochs
-
-
-def _save_state(path: Path, args: argparse.Namespace, loop: TrainingLoop, progress: RunProgress) -> None:
-    state = {
-        "format": CHECKPOINT_STATE_FORMAT,
-        "args": vars(args),
-        "epoch": progress.next_epoch - 1,
-        "model": loop.model.state_dict(),
-        "optimizer": loop.optimizer.state_dict(),
-        "scheduler": loop.scheduler.state_dict(),
-        "scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        "best_score": progress.best_score,
-        "best_epoch": progress.best_epoch,
-        "bad_epochs": progress.bad_epochs,
-        "wall_time_s": progress.wall_time_s,
-        "history": progress.history,
-        "planned_epochs": progress.planned_epochs,
-    }
-    atomic_torch_save(state, path)
-
-
-def _restore_state(path: Path, args: argparse.Namespace, loop: TrainingLoop) -> RunProgress:
-    """Load last.pt into the loop's model, optimizer, schedule and the RNGs; warn where the arguments changed."""
-    state = torch.load(path, map_location=loop.device, weights_only=False)
-    if state.get("format") != CHECKPOINT_STATE_FORMAT:
-        raise ValueError(f"{path} is not a training-state file ({CHECKPOINT_STATE_FORMAT})")
-    defaults = get_args_parser()
-    for key in RESUME_CHECKED_ARGS + RESUME_CHECKED_DATA_ARGS:
-        recorded = state["args"].get(key, defaults.get_default(key))
-        if recorded != getattr(args, key):
-            print(f"warning: resuming with --{key.replace('_', '-')} {getattr(args, key)!r}, the run used {recorded!r}", flush=True)
-    loop.model.load_state_dict(state["model"])
-    loop.optimizer.load_state_dict(state["optimizer"])
-    loop.scheduler.load_state_dict(state["scheduler"])
-    if loop.scaler is not None and state.get("scaler"):
-        loop.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    progress = RunProgress(
-        next_epoch=state["epoch"] + 1,
-        best_score=state["best_score"],
-        best_epoch=state["best_epoch"],
-        bad_epochs=state["bad_epochs"],
-        wall_time_s=state["wall_time_s"],
-        history=state["history"],
-        planned_epochs=state.get("planned_epochs", 0),
-    )
-    best = f"best {args.select_metric} {progress.best_score:.4f} at epoch {progress.best_epoch}"
-    print(f"resumed from {path} at epoch {progress.next_epoch} ({best})", flush=True)
-    return progress
-
-
 def _best_metrics(
     args: argparse.Namespace,
     epoch: int,
@@ -336,14 +258,6 @@ def _best_metrics(
         "params": count_parameters(model),
         **objective.metrics(),
     }
-
-
-def _write_run_files(output_dir: Path, history: list[dict[str, Any]]) -> None:
-    write_metrics(output_dir, history)
-    try:
-        plot_curves(output_dir, history)
-    except Exception as exc:  # noqa: BLE001 - a plotting problem must never kill a long run
-        print(f"warning: could not plot curves: {exc}", flush=True)
 
 
 def train(
@@ -383,7 +297,7 @@ def train(
     val_labels = torch.from_numpy(val_set.labels)
 
     resume_path = resolve_resume(args, output_dir)
-    progress = _restore_state(resume_path, args, loop) if resume_path is not None else RunProgress()
+    progress = restore_state(resume_path, args, loop, get_args_parser()) if resume_path is not None else RunProgress()
     print(
         f"arch={args.arch} params={count_parameters(model):,} train={len(train_set)} val={len(val_set)} "
         f"steps/epoch={loop.steps_per_epoch} device={device} threads={torch.get_num_threads()} output={output_dir}",
@@ -439,8 +353,8 @@ def train(
             save_checkpoint(output_dir / "best.pt", model, metadata)
         else:
             progress.bad_epochs += 1
-        _save_state(output_dir / "last.pt", args, loop, progress)
-        _write_run_files(output_dir, progress.history)
+        save_state(output_dir / "last.pt", args, loop, progress)
+        write_run_files(output_dir, progress.history)
         print(
             f"epoch {epoch + 1}/{planned_epochs} lr={row['lr']:.5f} train_loss={row['train_loss']:.4f} "
             f"train_acc={row['train_accuracy']:.4f} "
