@@ -16,11 +16,13 @@ import redis
 import requests
 import uvicorn
 from fastapi import APIRouter, FastAPI
+from pydantic import ValidationError
 
 from pipeline.auth import ApiAuth, ApiTokens
-from pipeline.config import UrlPolicyConfig
+from pipeline.config import ConfigError, EventsConfig, SourceConfig, UrlPolicyConfig
 from pipeline.registry import CameraRegistry
-from serve_app.api import MAX_BODY_BYTES, StreamController, build_api
+from serve_app.api import MAX_BODY_BYTES, StreamController, StreamRequest, build_api
+from serve_app.live_routes import live_hold_s
 from tests.conftest import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -349,3 +351,105 @@ def test_a_body_too_large_is_refused_before_it_is_read(api: ApiServer) -> None:
     response = api.post({"camera_id": "x", "url": "rtsp://cam/" + "a" * MAX_BODY_BYTES})
     assert response.status_code == 413
     assert api.get("/streams").json() == []
+
+
+def test_stream_request_maps_to_a_source_config() -> None:
+    request = StreamRequest(
+        camera_id="lobby",
+        url="rtsp://cam/stream",
+        target_fps=2.5,
+        transport="udp",
+        loop=True,
+        options={"watchdog_timeout_s": 3, "reconnect": {"initial_s": 0.2, "max_s": 1}},
+    )
+    camera = request.to_source_config()
+    assert (camera.camera_id, camera.url, camera.target_fps, camera.transport, camera.loop) == (
+        "lobby",
+        "rtsp://cam/stream",
+        2.5,
+        "udp",
+        True,
+    )
+    assert camera.watchdog_timeout_s == 3 and camera.reconnect.initial_s == 0.2 and camera.reconnect.max_s == 1
+
+
+def test_stream_request_defaults_are_source_configs() -> None:
+    camera = StreamRequest(camera_id="lobby", url="rtsp://cam/stream").to_source_config()
+    assert camera == SourceConfig(camera_id="lobby", url="rtsp://cam/stream")
+    # The API's documented default rate (README: 5 frames a second) is SourceConfig's.
+    assert camera.target_fps == 5.0 and (camera.transport, camera.loop) == ("tcp", False)
+    assert StreamRequest(camera_id="all", url="rtsp://cam/stream", target_fps=None).to_source_config().target_fps is None
+
+
+def test_stream_request_top_level_fields_are_source_config_fields() -> None:
+    top_level = set(StreamRequest.model_fields) - {"options"}
+    for name in top_level:
+        request_field, source_field = StreamRequest.model_fields[name], SourceConfig.model_fields[name]
+        assert request_field.annotation == source_field.annotation, name
+        assert request_field.get_default() == source_field.get_default(), name
+        assert request_field.metadata == source_field.metadata, name
+
+
+def test_stream_request_accepts_the_old_names_for_one_release() -> None:
+    camera = StreamRequest.model_validate({"id": "lobby", "url": "rtsp://cam/stream", "fps": 2}).to_source_config()
+    assert (camera.camera_id, camera.target_fps) == ("lobby", 2)
+
+
+@pytest.mark.parametrize("body", [{"id": "a", "camera_id": "a"}, {"camera_id": "a", "fps": 1, "target_fps": 1}])
+def test_stream_request_refuses_a_field_under_both_names(body: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="both given"):
+        StreamRequest.model_validate({"url": "rtsp://cam/stream", **body})
+
+
+def test_the_preview_is_off_unless_a_stream_asks_for_it() -> None:
+    assert StreamRequest(camera_id="lobby", url="rtsp://cam/stream").to_source_config().preview is False
+    assert StreamRequest(camera_id="lobby", url="rtsp://cam/stream", options={"preview": True}).to_source_config().preview is True
+
+
+def test_one_event_speaks_for_a_frame_interval_or_for_a_heartbeat_on_the_live_page() -> None:
+    assert live_hold_s(EventsConfig()) == 1.0
+    assert live_hold_s(EventsConfig(policy="on_change", heartbeat_s=5.0)) == 6.0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"target_fps": -1}, "target_fps"),
+        ({"fps": 0}, "fps"),  # the error names the field as it was sent
+        ({"transport": "sctp"}, "transport"),
+        ({"camera_id": "has space"}, "camera_id"),
+    ],
+)
+def test_a_bad_top_level_field_is_refused_by_the_request_model(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        StreamRequest.model_validate({"camera_id": "lobby", "url": "rtsp://cam/stream", **body})
+    assert [problem["loc"] for problem in raised.value.errors()] == [(field,)]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"url": "ftp://host/video"}, "url"),
+        ({"options": {"nonsense": 1}}, "nonsense"),
+        ({"options": {"reconnect": {"initial_s": -1}}}, "reconnect.initial_s"),
+    ],
+)
+def test_a_bad_stream_request_names_the_field(body: dict[str, Any], field: str) -> None:
+    request = StreamRequest.model_validate({"camera_id": "lobby", "url": "rtsp://cam/stream", **body})
+    with pytest.raises(ConfigError) as raised:
+        request.to_source_config()
+    assert f"stream: {field}:" in str(raised.value)
+
+
+def test_stream_request_rejects_unknown_top_level_fields() -> None:
+    with pytest.raises(ValidationError):
+        StreamRequest.model_validate({"camera_id": "lobby", "url": "rtsp://cam/stream", "max_fps": 2})
+
+
+# -- batching user_config -------------------------------------------------------------------------
+
+
+def test_stream_request_options_cannot_override_the_top_level_fields() -> None:
+    request = StreamRequest(camera_id="door", url="rtsp://cam/1", options={"url": "rtsp://other/2", "loop": True})
+    with pytest.raises(ConfigError, match="loop, url must be given as the top-level field"):
+        request.to_source_config()
