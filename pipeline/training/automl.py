@@ -284,7 +284,9 @@ def _trial_summaries(results: Any, trials_dir: Path) -> list[dict[str, Any]]:
         config = dict(result.config or {})
         # A trial whose schedule the time budget shortened finished when it reached the shortened end.
         finished = metrics.get("epoch") is not None and metrics.get("epoch") == metrics.get("planned_epochs", config.get("epochs"))
-        status = "error" if result.error else ("finished" if finished else "stopped")
+        # "not_started": the budget ran out before the trial got its CPUs (Tune terminates it unrun).
+        ran = metrics.get("epoch") is not None
+        status = "error" if result.error else ("finished" if finished else ("stopped" if ran else "not_started"))
         summaries.append(
             {
                 "trial_id": trial_id,
@@ -328,7 +330,7 @@ def run_search(args: argparse.Namespace, train_args: argparse.Namespace) -> dict
     threads = max(1, math.floor(args.cpus_per_trial))
     max_epochs = max(preset.epochs)
     # The trials' own deadline leaves the last epoch's report and the leaderboard inside the budget.
-    deadline = time.time() + preset.time_budget_s - TRIAL_FINISH_MARGIN_S
+    deadline = time.time() + preset.time_budget_s - min(TRIAL_FINISH_MARGIN_S, 0.05 * preset.time_budget_s)
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=vars(train_args), trials_dir=str(trials_dir), threads=threads, deadline=deadline),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
