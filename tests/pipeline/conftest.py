@@ -1,8 +1,15 @@
-"""Helpers shared by the pipeline tests."""
+"""Helpers and fixtures shared by the pipeline tests."""
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+import redis
+
 from pipeline.checkpoint import ModelMetadata
+from pipeline.registry import CameraRegistry
+from tests.conftest import RedisServer
+from tests.pipeline.registry_support import PREFIX
 
 CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 
@@ -24,3 +31,15 @@ def make_metadata(**overrides: Any) -> ModelMetadata:
     )
     values.update(overrides)
     return ModelMetadata(**values)
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def registry(client: redis.Redis) -> CameraRegistry:
+    return CameraRegistry(client, PREFIX, lease_s=5.0)
