@@ -71,12 +71,16 @@ def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, s
 
 
 def epochs_within_budget(done: int, wanted: int, epoch_times_s: list[float], remaining_s: float) -> int:
-    """How many epochs in all a run can plan: ``done`` plus those that fit ``remaining_s`` at the
-    median of the last three epoch times, at most ``wanted`` and never fewer than ``done``."""
+    """How many epochs in all a run can plan: ``done`` plus those that fit ``remaining_s`` at the mean
+    epoch time so far, at most ``wanted`` and never fewer than ``done``.
+
+    The mean of every epoch but the first (which pays one-time costs) once there are three: on a
+    shared VM one epoch took 86 s and the next 151 s, and a plan following the last few epochs swung
+    from 24 to 33 to 22 epochs, moving the learning rate up and down with it."""
     if not epoch_times_s:
         return wanted
-    recent = sorted(epoch_times_s[-3:])
-    per_epoch = max(recent[len(recent) // 2], 1e-6)
+    steady = epoch_times_s[1:] if len(epoch_times_s) >= 3 else epoch_times_s
+    per_epoch = max(sum(steady) / len(steady), 1e-6)
     return max(done, min(wanted, done + int(max(0.0, remaining_s) // per_epoch)))
 
 

@@ -66,7 +66,8 @@ def test_a_shortened_schedule_survives_the_state_dict() -> None:
     ("done", "times", "remaining", "expected"),
     [
         (1, [10.0], 35.0, 4),  # 3 more fit
-        (3, [30.0, 10.0, 11.0], 35.0, 6),  # the median of the last three, not the slow first epoch
+        (3, [30.0, 10.0, 12.0], 35.0, 6),  # the mean without the slow first epoch (11 s)
+        (4, [30.0, 8.0, 8.0, 20.0], 35.0, 6),  # the steady mean (12 s), not the last, slow epoch (20 s: 5)
         (5, [10.0], 5.0, 5),  # none fit: stop now, never below what is done
         (5, [10.0], 1e6, 40),  # at most what was asked
         (2, [], 10.0, 40),  # nothing measured yet
