@@ -284,8 +284,9 @@ def _trial_summaries(results: Any, trials_dir: Path) -> list[dict[str, Any]]:
         config = dict(result.config or {})
         # A trial whose schedule the time budget shortened finished when it reached the shortened end.
         finished = metrics.get("epoch") is not None and metrics.get("epoch") == metrics.get("planned_epochs", config.get("epochs"))
-        # "not_started": the budget ran out before the trial got its CPUs (Tune terminates it unrun).
-        ran = metrics.get("epoch") is not None
+        # "not_started": no epoch finished, as when the budget ran out before the trial got its CPUs (Tune
+        # terminates it unrun). A trial stopped by Ctrl-C may report no metrics yet have epochs on disk.
+        ran = metrics.get("epoch") is not None or (trials_dir / trial_id / "last.pt").is_file()
         status = "error" if result.error else ("finished" if finished else ("stopped" if ran else "not_started"))
         summaries.append(
             {
