@@ -112,6 +112,9 @@ def test_a_search_stopped_by_ctrl_c_says_so_and_resume_finishes_it_from_its_chec
     out = tmp_path / "search"
     cpus = str(os.cpu_count() or 1)
     command = [sys.executable, "-m", "pipeline.training.automl", "--archs", "tiny", "--epochs", "12", "--num-samples", "2"]
+    # No ASHA stop before the last epoch: which of the two trials reaches a rung first decides which one ASHA stops,
+    # so with early stopping "both finish" would depend on timing.
+    command += ["--grace-period", "12"]
     command += ["--cpus-per-trial", cpus, "--time-limit", "600", "--output-dir", str(out)]
     command += ["--data-path", str(tiny_data), "--batch-size", "16", "--no-cache"]
     first = subprocess.Popen(
